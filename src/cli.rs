@@ -1,0 +1,151 @@
+//! Command line (design §8). Every flag can also be set through an `APITOKEN_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "apitoken-operator",
+    version,
+    about = "Issues, rotates, enforces and verifies API tokens declared as Kubernetes resources"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controller, the verification service and the admission webhooks.
+    Run(RunArgs),
+    /// Print every CustomResourceDefinition as YAML (what `crds/` holds).
+    Crd,
+    /// Print the version.
+    Version,
+}
+
+/// Parts of the operator one process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Component {
+    Controller,
+    Verify,
+    Admission,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Address for verification and admission (TLS unless --plain-http).
+    #[arg(long, env = "APITOKEN_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+
+    /// Address for /metrics, /healthz and /readyz (plain HTTP).
+    #[arg(long, env = "APITOKEN_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
+    pub metrics_listen: SocketAddr,
+
+    /// Serving certificate (PEM). Without it the operator manages its own.
+    #[arg(long, env = "APITOKEN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Serving key (PEM), with --tls-cert.
+    #[arg(long, env = "APITOKEN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Serve --listen without TLS (local development and tests only).
+    #[arg(long, env = "APITOKEN_PLAIN_HTTP")]
+    pub plain_http: bool,
+
+    /// Which parts this process runs.
+    #[arg(
+        long,
+        env = "APITOKEN_COMPONENTS",
+        value_delimiter = ',',
+        default_value = "controller,verify,admission"
+    )]
+    pub components: Vec<Component>,
+
+    /// Watch one namespace only (default: all).
+    #[arg(long, env = "APITOKEN_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// Elect a leader with a Lease so several replicas are safe.
+    #[arg(
+        long,
+        env = "APITOKEN_LEADER_ELECTION",
+        default_value_t = true,
+        overrides_with = "no_leader_election"
+    )]
+    pub leader_election: bool,
+
+    /// Run the controller without leader election.
+    #[arg(long = "no-leader-election", overrides_with = "leader_election")]
+    pub no_leader_election: bool,
+
+    /// Log format.
+    #[arg(long, env = "APITOKEN_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl RunArgs {
+    pub fn leader_election(&self) -> bool {
+        self.leader_election && !self.no_leader_election
+    }
+
+    pub fn runs(&self, component: Component) -> bool {
+        self.components.contains(&component)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("apitoken-operator").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_defaults_follow_the_design() {
+        let Command::Run(run) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(run.listen, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(run.metrics_listen, "0.0.0.0:8080".parse().unwrap());
+        assert!(run.leader_election());
+        assert!(
+            run.runs(Component::Controller)
+                && run.runs(Component::Verify)
+                && run.runs(Component::Admission)
+        );
+        assert_eq!(run.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn components_and_leader_election_can_be_narrowed() {
+        let Command::Run(run) = parse(&["run", "--components", "verify", "--no-leader-election"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert!(!run.leader_election());
+        assert!(run.runs(Component::Verify) && !run.runs(Component::Controller));
+    }
+
+    #[test]
+    fn bad_flags_are_clear_errors() {
+        let err = parse(&["run", "--components", "everything"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("everything"), "{err}");
+        let err = parse(&["run", "--tls-cert", "/x"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-key"), "{err}");
+    }
+}

@@ -1,0 +1,9 @@
+//! apitoken-operator: a Kubernetes operator that issues API tokens into Secrets, rotates them,
+//! enforces their lifecycle and policy, and verifies them.
+//!
+//! Layout: `api` holds the custom resource types; `cli` the command line; pure logic has no
+//! kube client and no clock or RNG reads of its own.
+
+pub mod api;
+pub mod cli;
+pub mod run;

@@ -1,0 +1,25 @@
+use std::process::ExitCode;
+
+use apitoken_operator::cli::{Cli, Command};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => match apitoken_operator::api::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: rendering the CRDs failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Version => {
+            println!("apitoken-operator {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Run(args) => apitoken_operator::run::main(args),
+    }
+}

@@ -1,0 +1,175 @@
+//! Test harness for end-to-end tests against a real local control plane (hack/local-cluster).
+//!
+//! - `APITOKEN_TEST_CLUSTER=<name>` reuses a running cluster of that name (what `make test` does);
+//!   otherwise the first test of a binary starts a cluster of its own, tied to this process with
+//!   `--owner-pid`, so it is torn down when the binary exits, even after a panic or SIGKILL.
+//! - every test gets its own namespace (`TestNamespace`).
+//! - `client_as` authenticates as any user and groups with a client certificate from the
+//!   cluster's CA, so RBAC is exercised exactly as for a real person.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{DeleteParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+pub struct Cluster {
+    pub name: String,
+    pub kubeconfig: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn hack(script: &str) -> Command {
+    Command::new(repo_root().join("hack").join(script))
+}
+
+fn output_of(mut cmd: Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?} failed: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The cluster this test binary talks to, started on first use.
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let name = match std::env::var("APITOKEN_TEST_CLUSTER") {
+            Ok(name) if !name.is_empty() => name,
+            _ => {
+                let name = format!("test-{}", std::process::id());
+                let mut up = hack("local-cluster");
+                up.args(["up", &name, "--owner-pid", &std::process::id().to_string()]);
+                output_of(up);
+                name
+            }
+        };
+        let mut env = hack("local-cluster");
+        env.args(["env", &name]);
+        let env = output_of(env);
+        let kubeconfig = env
+            .lines()
+            .find_map(|l| l.strip_prefix("export KUBECONFIG="))
+            .expect("hack/local-cluster env prints KUBECONFIG")
+            .into();
+        let mut print = hack("build-control-plane");
+        print.arg("--print");
+        let bin_dir = output_of(print).trim().into();
+        Cluster {
+            name,
+            kubeconfig,
+            bin_dir,
+        }
+    })
+}
+
+async fn client_from(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig");
+    Client::try_from(config).expect("client")
+}
+
+/// A cluster-admin client.
+pub async fn admin_client() -> Client {
+    client_from(&cluster().kubeconfig).await
+}
+
+/// A client authenticated as `user` in `groups` (client certificate signed by the cluster CA).
+pub async fn client_as(user: &str, groups: &[&str]) -> Client {
+    client_from(&kubeconfig_as(user, groups)).await
+}
+
+/// A kubeconfig file that authenticates as `user` in `groups`.
+pub fn kubeconfig_as(user: &str, groups: &[&str]) -> PathBuf {
+    let mut cmd = hack("local-cluster");
+    cmd.args(["user", &cluster().name, user]).args(groups);
+    output_of(cmd).trim().into()
+}
+
+/// `kubectl` built with the control plane, pointed at the test cluster as admin.
+pub fn kubectl() -> Command {
+    let c = cluster();
+    let mut cmd = Command::new(c.bin_dir.join("kubectl"));
+    cmd.env("KUBECONFIG", &c.kubeconfig);
+    cmd
+}
+
+/// A namespace of one test's own, deleted by `cleanup` (left behind for inspection on failure).
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+impl TestNamespace {
+    pub async fn new(prefix: &str) -> Self {
+        let client = admin_client().await;
+        let name = format!("{prefix}-{:08x}", rand_suffix());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "apitoken.dev/test": "true" } }
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create test namespace");
+        Self { name, client }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    pub async fn cleanup(self) {
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.name, &DeleteParams::background())
+            .await;
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    // Distinct per call and per process; namespaces only need to be unique.
+    #[allow(clippy::cast_possible_truncation)]
+    let v = RandomState::new().hash_one(std::time::SystemTime::now()) as u32;
+    v
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
