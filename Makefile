@@ -12,7 +12,7 @@ help:
 ## Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from pinned Go modules
 ## (first time only; cached in ~/.cache/apitoken-operator).
 tools:
-	@$(STAGE) tools hack/build-control-plane >/dev/null
+	@$(STAGE) tools bash -c "hack/build-control-plane >/dev/null"
 
 fmt-check:
 	@$(STAGE) fmt cargo fmt --all -- --check
