@@ -58,7 +58,7 @@ pub const DNS_SUBDOMAIN_PATTERN: &str =
         description = "Effective scopes"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt"),
     printcolumn(
         name = "Age",

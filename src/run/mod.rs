@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use crate::cli::{LogFormat, RunArgs};
+use crate::cli::{Component, LogFormat, RunArgs};
+use crate::controller;
 
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(args.log_format);
@@ -41,12 +42,27 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.runs(Component::Controller) && args.leader_election() {
+        anyhow::bail!(
+            "leader election is not available in this version yet: run a single controller replica \
+             with --no-leader-election (or APITOKEN_LEADER_ELECTION=false)"
+        );
+    }
+    for missing in [Component::Verify, Component::Admission] {
+        if args.runs(missing) {
+            warn!(component = ?missing, "component not available in this version yet; not started");
+        }
+    }
     let client = kube::Client::try_default().await.map_err(|e| {
         anyhow::anyhow!("connecting to the Kubernetes API failed (is KUBECONFIG set?): {e}")
     })?;
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, namespace = ?args.namespace, "connected to the Kubernetes API");
-    shutdown_signal().await;
+    if args.runs(Component::Controller) {
+        controller::run(client, args.namespace.clone(), shutdown_signal()).await;
+    } else {
+        shutdown_signal().await;
+    }
     info!("shutting down");
     Ok(())
 }

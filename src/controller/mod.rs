@@ -1,0 +1,556 @@
+//! The ApiToken controller: observe → validate → plan → apply → status.
+//!
+//! Only this module talks to the API server. Decisions are made by [`crate::core::plan`]; this
+//! shell reads the Secret, carries out the one action, and loops on the object the status write
+//! returned (so a stale cache never decides anything: status writes carry a resourceVersion
+//! precondition and a conflict simply retries).
+
+mod error;
+mod restart;
+pub mod secret;
+pub mod status;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::TryRngCore;
+use tracing::{debug, info, instrument, warn};
+
+pub use error::Error;
+
+use crate::api::{ApiToken, ApiTokenStatus, ROTATE_ANNOTATION};
+use crate::core::desired::{Limits, SpecInput, validate};
+use crate::core::plan::{self, Action, Current, Desired, Minted};
+use crate::core::token::{self, Plaintext};
+
+/// Field manager for everything the operator writes.
+pub const MANAGER: &str = "apitoken-operator";
+/// How many plan steps one reconcile may carry out before handing back to the queue.
+const MAX_STEPS: usize = 8;
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME")
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok()),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        secret::MANAGED_BY_LABEL,
+        secret::MANAGED_BY
+    ));
+    let ctx = Arc::new(Context::new(client));
+    info!(
+        namespace = namespace.as_deref().unwrap_or("<all>"),
+        "controller started"
+    );
+    Controller::new(tokens, watcher::Config::default().any_semantic())
+        .owns(secrets, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(name = obj.name, namespace = ?obj.namespace, "reconciled"),
+                Err(e) => debug!(error = %e, "reconcile failed"),
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+#[allow(clippy::needless_pass_by_value)] // the signature kube-runtime calls
+fn error_policy(obj: Arc<ApiToken>, err: &Error, _ctx: Arc<Context>) -> Requeue {
+    if let Error::Conflict = err {
+        return Requeue::requeue(Duration::from_millis(100));
+    }
+    warn!(name = obj.name_any(), namespace = ?obj.namespace(), category = err.category(), error = %err, "reconcile failed; retrying");
+    Requeue::requeue(Duration::from_secs(5))
+}
+
+#[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let mut obj = (*obj).clone();
+    for _ in 0..MAX_STEPS {
+        match step(&obj, &ctx).await? {
+            Step::Continue(updated) => obj = *updated,
+            Step::Done(wake) => return Ok(requeue_at(wake, Timestamp::now())),
+        }
+    }
+    Ok(Requeue::requeue(Duration::from_millis(200)))
+}
+
+/// Sleep exactly until `wake` (rounded up to the millisecond), or until something changes.
+fn requeue_at(wake: Option<Timestamp>, now: Timestamp) -> Requeue {
+    match wake {
+        None => Requeue::await_change(),
+        Some(t) => {
+            let ms = u64::try_from(now.duration_until(t).as_millis().max(0)).unwrap_or(0);
+            Requeue::requeue(Duration::from_millis(ms + 1))
+        }
+    }
+}
+
+enum Step {
+    Continue(Box<ApiToken>),
+    Done(Option<Timestamp>),
+}
+
+fn spec_input(obj: &ApiToken) -> SpecInput<'_> {
+    let s = &obj.spec;
+    SpecInput {
+        lifetime: s.lifetime.as_deref(),
+        renew_before: s.rotation.renew_before.as_deref(),
+        grace_period: s.rotation.grace_period.as_deref(),
+        rotation_enabled: s.rotation.enabled,
+        trigger: s.rotation.trigger.as_deref(),
+        rotate_annotation: obj.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
+        revoked: s.revoked,
+        scopes: &s.scopes,
+        prefix: s.prefix.as_deref(),
+    }
+}
+
+async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
+    let ns = obj.namespace().ok_or(Error::MissingNamespace)?;
+    let tokens: Api<ApiToken> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let status = obj.status.clone().unwrap_or_default();
+    let now = Timestamp::now();
+    let current = status::to_current(&status);
+
+    // Validate.
+    let desired = match validate(&spec_input(obj), &Limits::default()) {
+        Ok(d) => d,
+        Err(violations) => {
+            let message = format!(
+                "the spec cannot be issued: {}",
+                violations
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            let mut failed = current.clone();
+            failed.phase = plan::Phase::Failed;
+            fail(
+                obj,
+                ctx,
+                &tokens,
+                &status,
+                None,
+                &failed,
+                "InvalidSpec",
+                message,
+            )
+            .await?;
+            return Ok(Step::Done(None));
+        }
+    };
+
+    // Observe the Secret: the one holding the token now, and the one the spec names.
+    let wanted_name = secret::desired_name(obj);
+    let current_name = status
+        .secret_name
+        .clone()
+        .unwrap_or_else(|| wanted_name.clone());
+    let existing = secrets.get_opt(&current_name).await?;
+    let mut observed = vec![existing.clone()];
+    if wanted_name != current_name {
+        observed.push(secrets.get_opt(&wanted_name).await?);
+    }
+    if let Some(foreign) = observed
+        .into_iter()
+        .flatten()
+        .find(|s| !secret::owned_by(s, obj))
+    {
+        let message = format!(
+            "Secret {} exists and is not controlled by this ApiToken; the operator will not overwrite it. \
+             Delete it or set spec.secret.name to another name",
+            foreign.name_any()
+        );
+        fail(
+            obj,
+            ctx,
+            &tokens,
+            &status,
+            Some(&desired),
+            &current,
+            "SecretConflict",
+            message,
+        )
+        .await?;
+        return Ok(Step::Done(None));
+    }
+    let stored = existing.as_ref().and_then(secret::stored_token);
+    let in_sync = match (&existing, &stored, &current.token_id) {
+        (Some(actual), Some(token), Some(id)) if current_name == wanted_name => {
+            let (expires_at, _) = plan::timeline(&desired, current.issued_at.unwrap_or(now));
+            let want = secret::render(
+                obj,
+                &wanted_name,
+                &secret::SecretContent {
+                    token,
+                    token_id: id,
+                    expires_at,
+                    scopes: &desired.scopes,
+                },
+            );
+            secret::in_sync(actual, &want) && status.observed_generation == obj.metadata.generation
+        }
+        _ => false,
+    };
+    let state = secret::state_of(
+        stored.as_ref(),
+        current.token_hash.as_deref(),
+        current.previous_token_hash.as_deref(),
+        in_sync,
+    );
+
+    // Plan.
+    let action = plan::plan(&desired, &current, state, now);
+    debug!(?action, ?state, "planned");
+
+    let obs = Observed {
+        tokens,
+        secrets,
+        ns,
+        status,
+        current,
+        desired,
+        state,
+        stored,
+        now,
+        wanted_name,
+        current_name,
+    };
+    apply(obj, ctx, obs, action).await
+}
+
+/// What one step observed, handed from `step` to `apply`.
+struct Observed {
+    tokens: Api<ApiToken>,
+    secrets: Api<Secret>,
+    ns: String,
+    status: ApiTokenStatus,
+    current: Current,
+    desired: Desired,
+    state: plan::SecretState,
+    stored: Option<Plaintext>,
+    now: Timestamp,
+    wanted_name: String,
+    current_name: String,
+}
+
+/// Carries out `action`: status first, then the Secret, then an Event.
+#[allow(clippy::too_many_lines)] // one arm per action reads best side by side
+async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Result<Step, Error> {
+    let Observed {
+        tokens,
+        secrets,
+        ns,
+        status,
+        current,
+        desired,
+        state,
+        stored,
+        now,
+        wanted_name,
+        current_name,
+    } = o;
+    match action {
+        Action::Wait { until } => {
+            let new_status = build_status(obj, &status, &desired, &current, now, &wanted_name);
+            if new_status != status {
+                write_status(&tokens, obj, new_status).await?;
+            }
+            if current.phase == plan::Phase::Active
+                && let Some(id) = &current.token_id
+            {
+                restart::converge(ctx, obj, &ns, id).await;
+            }
+            Ok(Step::Done(until))
+        }
+        Action::Issue | Action::Rotate(_) | Action::Recover => {
+            let mut rng = rand::rngs::OsRng.unwrap_err();
+            let minted = token::generate(&desired.prefix, &mut rng);
+            let m = Minted {
+                hash: minted.hash.clone(),
+                id: minted.id.clone(),
+                display: minted.display.clone(),
+            };
+            let next = plan::next_state(&action, &desired, &current, state, now, Some(m));
+            // Status first: every verifier accepts the new hash before anyone can read the token.
+            let new_status = build_status(obj, &status, &desired, &next, now, &wanted_name);
+            let updated = write_status(&tokens, obj, new_status).await?;
+            write_secret(
+                &secrets,
+                &updated,
+                &wanted_name,
+                &minted.plaintext,
+                &next,
+                &desired,
+            )
+            .await?;
+            remove_old_secret(&secrets, &current_name, &wanted_name).await?;
+            let (reason, note) = match action {
+                Action::Issue => (
+                    "Issued",
+                    format!("issued {} into Secret {wanted_name}", minted.display),
+                ),
+                Action::Rotate(r) => (
+                    "Rotated",
+                    format!(
+                        "rotated to {} ({}); the previous token stays valid until {}",
+                        minted.display,
+                        r.as_str(),
+                        next.previous_valid_until
+                            .map_or_else(|| "now".into(), |t| t.to_string())
+                    ),
+                ),
+                _ => (
+                    "Recovered",
+                    format!(
+                        "the Secret did not hold the current token; issued {}",
+                        minted.display
+                    ),
+                ),
+            };
+            info!(reason, token = %minted.display, "token written");
+            publish(ctx, obj, EventType::Normal, reason, note).await;
+            Ok(Step::Continue(Box::new(updated)))
+        }
+        Action::UpdateMetadata => {
+            let next = plan::next_state(&action, &desired, &current, state, now, None);
+            let new_status = build_status(obj, &status, &desired, &next, now, &wanted_name);
+            let updated = if new_status == status {
+                obj.clone()
+            } else {
+                write_status(&tokens, obj, new_status).await?
+            };
+            if let Some(token) = &stored {
+                write_secret(&secrets, &updated, &wanted_name, token, &next, &desired).await?;
+                remove_old_secret(&secrets, &current_name, &wanted_name).await?;
+            }
+            if current.phase == plan::Phase::Active {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "Updated",
+                    "updated expiry, scopes or Secret metadata; the token value is unchanged"
+                        .into(),
+                )
+                .await;
+            }
+            Ok(Step::Continue(Box::new(updated)))
+        }
+        Action::RetirePrevious => {
+            let next = plan::next_state(&action, &desired, &current, state, now, None);
+            let updated = write_status(
+                &tokens,
+                obj,
+                build_status(obj, &status, &desired, &next, now, &wanted_name),
+            )
+            .await?;
+            publish(
+                ctx,
+                obj,
+                EventType::Normal,
+                "PreviousRetired",
+                "the previous token's grace period ended; it is no longer valid".into(),
+            )
+            .await;
+            Ok(Step::Continue(Box::new(updated)))
+        }
+        Action::Expire | Action::Revoke => {
+            let next = plan::next_state(&action, &desired, &current, state, now, None);
+            let updated = write_status(
+                &tokens,
+                obj,
+                build_status(obj, &status, &desired, &next, now, &wanted_name),
+            )
+            .await?;
+            for n in [&current_name, &wanted_name] {
+                delete_secret(&secrets, n).await?;
+            }
+            let (reason, note) = if action == Action::Expire {
+                (
+                    "Expired",
+                    format!(
+                        "{} expired; its Secret was removed",
+                        current.display.as_deref().unwrap_or("the token")
+                    ),
+                )
+            } else {
+                (
+                    "Revoked",
+                    "spec.revoked is true: the token is rejected and its Secret removed"
+                        .to_string(),
+                )
+            };
+            publish(ctx, obj, EventType::Warning, reason, note).await;
+            Ok(Step::Continue(Box::new(updated)))
+        }
+    }
+}
+
+/// The full status for state `next`: lifecycle fields, conditions, bookkeeping.
+fn build_status(
+    obj: &ApiToken,
+    old: &ApiTokenStatus,
+    d: &Desired,
+    next: &Current,
+    now: Timestamp,
+    secret_name: &str,
+) -> ApiTokenStatus {
+    let mut s = status::from_current(old, next);
+    let want = status::conditions(Some(d), next, now, None);
+    s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
+    s.observed_generation = obj.metadata.generation;
+    s.secret_name = Some(secret_name.to_string());
+    s
+}
+
+/// Records a failure (Ready=False with `reason`) without touching the token or its Secret.
+#[allow(clippy::too_many_arguments)]
+async fn fail(
+    obj: &ApiToken,
+    ctx: &Context,
+    tokens: &Api<ApiToken>,
+    old: &ApiTokenStatus,
+    d: Option<&Desired>,
+    state: &Current,
+    reason: &'static str,
+    message: String,
+) -> Result<(), Error> {
+    let now = Timestamp::now();
+    let mut s = status::from_current(old, state);
+    let want = status::conditions(d, state, now, Some((reason, message.clone())));
+    s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
+    s.observed_generation = obj.metadata.generation;
+    if s != *old {
+        write_status(tokens, obj, s).await?;
+        warn!(reason, message, "cannot issue");
+        publish(ctx, obj, EventType::Warning, reason, message).await;
+    }
+    Ok(())
+}
+
+/// Replaces the status, on the condition that nobody changed the object since we read it.
+async fn write_status(
+    tokens: &Api<ApiToken>,
+    obj: &ApiToken,
+    status: ApiTokenStatus,
+) -> Result<ApiToken, Error> {
+    let mut o = obj.clone();
+    o.status = Some(status);
+    o.metadata.managed_fields = None;
+    let pp = PostParams {
+        field_manager: Some(MANAGER.into()),
+        ..PostParams::default()
+    };
+    match tokens.replace_status(&obj.name_any(), &pp, &o).await {
+        Ok(updated) => Ok(updated),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_secret(
+    secrets: &Api<Secret>,
+    owner: &ApiToken,
+    name: &str,
+    token: &Plaintext,
+    next: &Current,
+    d: &Desired,
+) -> Result<(), Error> {
+    let id = next.token_id.as_deref().unwrap_or_default();
+    let rendered = secret::render(
+        owner,
+        name,
+        &secret::SecretContent {
+            token,
+            token_id: id,
+            expires_at: next.expires_at,
+            scopes: &d.scopes,
+        },
+    );
+    let mut body = serde_json::to_value(&rendered)?;
+    body["apiVersion"] = "v1".into();
+    body["kind"] = "Secret".into();
+    let result = secrets
+        .patch(
+            name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await;
+    // Error text from a write carrying the token is reduced to its code and reason.
+    result.map(|_| ()).map_err(Error::secret_write)
+}
+
+async fn delete_secret(secrets: &Api<Secret>, name: &str) -> Result<(), Error> {
+    match secrets.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn remove_old_secret(secrets: &Api<Secret>, old: &str, new: &str) -> Result<(), Error> {
+    if old == new {
+        Ok(())
+    } else {
+        delete_secret(secrets, old).await
+    }
+}
+
+async fn publish(ctx: &Context, obj: &ApiToken, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: reason.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+        warn!(error = %e, reason, "publishing an event failed");
+    }
+}

@@ -1,0 +1,201 @@
+//! Status: between the CRD's status and the core's [`Current`], and the conditions a person
+//! reads. Pure.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::api::{ApiTokenStatus, Phase as ApiPhase};
+use crate::core::lifetime::Lifetime;
+use crate::core::plan::{self, Current, Desired, Phase};
+
+pub fn phase_to_core(p: Option<ApiPhase>) -> Phase {
+    match p.unwrap_or_default() {
+        ApiPhase::Pending => Phase::Pending,
+        ApiPhase::Active => Phase::Active,
+        ApiPhase::Expired => Phase::Expired,
+        ApiPhase::Revoked => Phase::Revoked,
+        ApiPhase::Denied => Phase::Denied,
+        ApiPhase::Failed => Phase::Failed,
+    }
+}
+
+pub fn phase_to_api(p: Phase) -> ApiPhase {
+    match p {
+        Phase::Pending => ApiPhase::Pending,
+        Phase::Active => ApiPhase::Active,
+        Phase::Expired => ApiPhase::Expired,
+        Phase::Revoked => ApiPhase::Revoked,
+        Phase::Denied => ApiPhase::Denied,
+        Phase::Failed => ApiPhase::Failed,
+    }
+}
+
+fn ts(t: Option<&Time>) -> Option<Timestamp> {
+    t.map(|t| t.0)
+}
+
+pub fn to_current(s: &ApiTokenStatus) -> Current {
+    Current {
+        phase: phase_to_core(s.phase),
+        token_hash: s.token_hash.clone(),
+        token_id: s.token_id.clone(),
+        display: s.display.clone(),
+        previous_token_hash: s.previous_token_hash.clone(),
+        previous_valid_until: ts(s.previous_valid_until.as_ref()),
+        issued_at: ts(s.issued_at.as_ref()),
+        expires_at: ts(s.expires_at.as_ref()),
+        renew_at: ts(s.renew_at.as_ref()),
+        rotation_count: s.rotation_count,
+        observed_trigger: s.observed_trigger.clone(),
+        observed_rotate_annotation: s.observed_rotate_annotation.clone(),
+        effective_scopes: s.effective_scopes.clone(),
+    }
+}
+
+/// Writes `c` into a copy of `old`, keeping the fields the lifecycle does not own.
+pub fn from_current(old: &ApiTokenStatus, c: &Current) -> ApiTokenStatus {
+    ApiTokenStatus {
+        phase: Some(phase_to_api(c.phase)),
+        token_id: c.token_id.clone(),
+        display: c.display.clone(),
+        token_hash: c.token_hash.clone(),
+        previous_token_hash: c.previous_token_hash.clone(),
+        previous_valid_until: c.previous_valid_until.map(Time),
+        issued_at: c.issued_at.map(Time),
+        expires_at: c.expires_at.map(Time),
+        renew_at: c.renew_at.map(Time),
+        rotation_count: c.rotation_count,
+        observed_trigger: c.observed_trigger.clone(),
+        observed_rotate_annotation: c.observed_rotate_annotation.clone(),
+        effective_scopes: c.effective_scopes.clone(),
+        ..old.clone()
+    }
+}
+
+/// One condition as the operator wants it now.
+pub struct Want {
+    pub type_: &'static str,
+    pub ok: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The Ready, Issued, PolicyCompliant and Expiring conditions for state `c` at `now`.
+pub fn conditions(
+    d: Option<&Desired>,
+    c: &Current,
+    now: Timestamp,
+    failure: Option<(&'static str, String)>,
+) -> Vec<Want> {
+    let display = c.display.as_deref().unwrap_or("the token");
+    let expires = c.expires_at.map_or_else(
+        || "never expires".to_string(),
+        |e| format!("expires at {e}"),
+    );
+    let ready = match (failure, c.phase) {
+        (Some((reason, message)), _) => Want { type_: "Ready", ok: false, reason, message },
+        (None, Phase::Active) => Want {
+            type_: "Ready",
+            ok: true,
+            reason: "TokenActive",
+            message: format!("{display} is in Secret and valid; it {expires}"),
+        },
+        (None, Phase::Expired) => Want {
+            type_: "Ready",
+            ok: false,
+            reason: "Expired",
+            message: format!("{display} expired and rotation is disabled; set rotation.enabled: true or change rotation.trigger to issue a new token"),
+        },
+        (None, Phase::Revoked) => Want {
+            type_: "Ready",
+            ok: false,
+            reason: "Revoked",
+            message: "spec.revoked is true: the token is rejected and its Secret removed; set it to false to issue a new token".into(),
+        },
+        (None, _) => Want { type_: "Ready", ok: false, reason: "Pending", message: "waiting for the token to be issued".into() },
+    };
+    let issued = if c.token_hash.is_some() && c.phase == Phase::Active {
+        let how = if c.rotation_count > 0 {
+            format!("rotated {} time(s)", c.rotation_count)
+        } else {
+            "issued".into()
+        };
+        Want {
+            type_: "Issued",
+            ok: true,
+            reason: if c.rotation_count > 0 {
+                "Rotated"
+            } else {
+                "Issued"
+            },
+            message: format!(
+                "{display} {how}, current one at {}",
+                c.issued_at.map(|t| t.to_string()).unwrap_or_default()
+            ),
+        }
+    } else {
+        Want {
+            type_: "Issued",
+            ok: false,
+            reason: "NotIssued",
+            message: "no valid token is issued".into(),
+        }
+    };
+    let compliant = Want {
+        type_: "PolicyCompliant",
+        ok: true,
+        reason: "Compliant",
+        message: "within the default limits (lifetime at most 365d, no 'never')".into(),
+    };
+    let expiring_at = d
+        .zip(c.expires_at)
+        .and_then(|(d, e)| plan::expiring_from(d, e));
+    let rotation_off = d.is_some_and(|d| !d.rotation_enabled && d.lifetime != Lifetime::Never);
+    let expiring = match expiring_at {
+        Some(from) if c.phase == Phase::Active && rotation_off && now >= from => Want {
+            type_: "Expiring",
+            ok: true,
+            reason: "RotationDisabled",
+            message: format!(
+                "{display} {expires} and rotation is disabled; enable rotation or change rotation.trigger"
+            ),
+        },
+        _ => Want {
+            type_: "Expiring",
+            ok: false,
+            reason: "NotExpiring",
+            message: "not within renewBefore of expiry without rotation".into(),
+        },
+    };
+    vec![ready, issued, compliant, expiring]
+}
+
+/// Merges wanted conditions into existing ones, keeping `lastTransitionTime` when the status
+/// did not change.
+pub fn merge_conditions(
+    old: &[Condition],
+    want: Vec<Want>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    want.into_iter()
+        .map(|w| {
+            let status = if w.ok { "True" } else { "False" };
+            let since = old
+                .iter()
+                .find(|c| c.type_ == w.type_ && c.status == status)
+                .map_or_else(
+                    || Time(Timestamp::from_second(now.as_second()).expect("in range")),
+                    |c| c.last_transition_time.clone(),
+                );
+            Condition {
+                type_: w.type_.into(),
+                status: status.into(),
+                reason: w.reason.into(),
+                message: w.message,
+                observed_generation: generation,
+                last_transition_time: since,
+            }
+        })
+        .collect()
+}
