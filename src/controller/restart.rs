@@ -88,11 +88,10 @@ where
         return Ok(false);
     }
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {TOKEN_ID_ANNOTATION: token_id}}}}});
-    api.patch(
-        name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
+    let pp = PatchParams {
+        field_manager: Some(MANAGER.into()),
+        ..PatchParams::default()
+    };
+    api.patch(name, &pp, &Patch::Merge(&patch)).await?;
     Ok(true)
 }

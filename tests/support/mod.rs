@@ -8,6 +8,8 @@
 //!   cluster's CA, so RBAC is exercised exactly as for a real person.
 #![allow(dead_code)]
 
+pub mod operator;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
