@@ -219,23 +219,16 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         return Ok(Step::Done(None));
     }
     let stored = existing.as_ref().and_then(secret::stored_token);
-    let in_sync = match (&existing, &stored, &current.token_id) {
-        (Some(actual), Some(token), Some(id)) if current_name == wanted_name => {
-            let (expires_at, _) = plan::timeline(&desired, current.issued_at.unwrap_or(now));
-            let want = secret::render(
-                obj,
-                &wanted_name,
-                &secret::SecretContent {
-                    token,
-                    token_id: id,
-                    expires_at,
-                    scopes: &desired.scopes,
-                },
-            );
-            secret::in_sync(actual, &want) && status.observed_generation == obj.metadata.generation
-        }
-        _ => false,
-    };
+    let in_sync = current_name == wanted_name
+        && status.observed_generation == obj.metadata.generation
+        && secret_in_sync(
+            obj,
+            &desired,
+            &current,
+            existing.as_ref(),
+            stored.as_ref(),
+            now,
+        );
     let state = secret::state_of(
         stored.as_ref(),
         current.token_hash.as_deref(),
@@ -261,6 +254,30 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         current_name,
     };
     apply(obj, ctx, obs, action).await
+}
+
+/// Does the existing Secret show what the spec asks for (besides the token)?
+fn secret_in_sync(
+    obj: &ApiToken,
+    desired: &Desired,
+    current: &Current,
+    existing: Option<&Secret>,
+    stored: Option<&Plaintext>,
+    now: Timestamp,
+) -> bool {
+    let (Some(actual), Some(token), Some(id)) = (existing, stored, current.token_id.as_deref())
+    else {
+        return false;
+    };
+    let (expires_at, _) = plan::timeline(desired, current.issued_at.unwrap_or(now));
+    let content = secret::SecretContent {
+        token,
+        token_id: id,
+        expires_at,
+        scopes: &desired.scopes,
+    };
+    let want = secret::render(obj, &secret::desired_name(obj), &content);
+    secret::in_sync(actual, &want)
 }
 
 /// What one step observed, handed from `step` to `apply`.
