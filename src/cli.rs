@@ -113,25 +113,20 @@ mod tests {
 
     #[test]
     fn run_defaults_follow_the_design() {
-        let Command::Run(run) = parse(&["run"]).unwrap().command else {
-            panic!("not run")
-        };
+        let Command::Run(run) = parse(&["run"]).unwrap().command else { panic!("not run") };
         assert_eq!(run.listen, "0.0.0.0:8443".parse().unwrap());
         assert_eq!(run.metrics_listen, "0.0.0.0:8080".parse().unwrap());
         assert!(run.leader_election());
         assert!(
-            run.runs(Component::Controller)
-                && run.runs(Component::Verify)
-                && run.runs(Component::Admission)
+            run.runs(Component::Controller) && run.runs(Component::Verify) && run.runs(Component::Admission)
         );
         assert_eq!(run.log_format, LogFormat::Text);
     }
 
     #[test]
     fn components_and_leader_election_can_be_narrowed() {
-        let Command::Run(run) = parse(&["run", "--components", "verify", "--no-leader-election"])
-            .unwrap()
-            .command
+        let Command::Run(run) =
+            parse(&["run", "--components", "verify", "--no-leader-election"]).unwrap().command
         else {
             panic!("not run")
         };
@@ -141,9 +136,7 @@ mod tests {
 
     #[test]
     fn bad_flags_are_clear_errors() {
-        let err = parse(&["run", "--components", "everything"])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&["run", "--components", "everything"]).unwrap_err().to_string();
         assert!(err.contains("everything"), "{err}");
         let err = parse(&["run", "--tls-cert", "/x"]).unwrap_err().to_string();
         assert!(err.contains("--tls-key"), "{err}");

@@ -22,10 +22,7 @@ async fn server_reports_the_pinned_version() {
     let client = admin_client().await;
     let info = client.apiserver_version().await.unwrap();
     let versions = std::fs::read_to_string(support::repo_root().join("hack/versions.sh")).unwrap();
-    let pinned = versions
-        .lines()
-        .find_map(|l| l.strip_prefix("KUBE_VERSION="))
-        .unwrap();
+    let pinned = versions.lines().find_map(|l| l.strip_prefix("KUBE_VERSION=")).unwrap();
     assert_eq!(info.git_version, pinned);
 }
 
@@ -35,20 +32,11 @@ async fn crd_installs_and_becomes_established() {
     let crds: Api<CustomResourceDefinition> = Api::all(client);
     let crd = apitoken_operator::api::ApiToken::crd();
     let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply("apitoken-e2e").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap();
+    crds.patch(&name, &PatchParams::apply("apitoken-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
     wait_for("CRD Established", T, || async {
         let crd = crds.get(&name).await.ok()?;
-        let established = crd
-            .status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
+        let established =
+            crd.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True");
         established.then_some(())
     })
     .await;
@@ -58,34 +46,18 @@ async fn crd_installs_and_becomes_established() {
 async fn server_side_apply_records_the_field_manager_and_detects_conflicts() {
     let ns = TestNamespace::new("ssa").await;
     let cms: Api<ConfigMap> = ns.api();
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "1"}});
-    let applied = cms
-        .patch("cfg", &PatchParams::apply("manager-a"), &Patch::Apply(&cm))
-        .await
-        .unwrap();
-    let managers: Vec<_> = applied
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|m| m.manager)
-        .collect();
+    let cm =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "1"}});
+    let applied = cms.patch("cfg", &PatchParams::apply("manager-a"), &Patch::Apply(&cm)).await.unwrap();
+    let managers: Vec<_> =
+        applied.metadata.managed_fields.unwrap_or_default().into_iter().filter_map(|m| m.manager).collect();
     assert!(managers.contains(&"manager-a".to_string()), "{managers:?}");
 
     // A second manager changing the same field without force is a conflict, not a silent win.
-    let other = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "2"}});
-    let err = cms
-        .patch(
-            "cfg",
-            &PatchParams::apply("manager-b"),
-            &Patch::Apply(&other),
-        )
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 409),
-        "{err:?}"
-    );
+    let other =
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"a": "2"}});
+    let err = cms.patch("cfg", &PatchParams::apply("manager-b"), &Patch::Apply(&other)).await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409), "{err:?}");
     assert_eq!(cms.get("cfg").await.unwrap().data.unwrap()["a"], "1");
     ns.cleanup().await;
 }
@@ -97,11 +69,7 @@ async fn a_watch_delivers_events() {
     let mut events = watcher(cms.clone(), watcher::Config::default()).boxed();
     // The initial list completes before the object exists, so the Apply below is a live event.
     loop {
-        match tokio::time::timeout(T, events.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-        {
+        match tokio::time::timeout(T, events.try_next()).await.unwrap().unwrap() {
             Some(watcher::Event::InitDone) => break,
             Some(_) => {}
             None => panic!("watch ended"),
@@ -128,10 +96,7 @@ async fn rbac_denies_a_non_admin_user_until_a_role_allows_it() {
     let alice = client_as("alice@example.com", &["team-a"]).await;
     let as_alice: Api<Secret> = Api::namespaced(alice, &ns.name);
     let err = as_alice.list(&ListParams::default()).await.unwrap_err();
-    assert!(
-        matches!(err, kube::Error::Api(ref s) if s.code == 403),
-        "{err:?}"
-    );
+    assert!(matches!(err, kube::Error::Api(ref s) if s.code == 403), "{err:?}");
     assert!(err.to_string().contains("alice@example.com"), "{err}");
 
     // The same user is allowed once a RoleBinding for her group exists: the identity is real.
@@ -146,18 +111,9 @@ async fn rbac_denies_a_non_admin_user_until_a_role_allows_it() {
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "team-a"}]
     }))
     .unwrap();
-    ns.api::<Role>()
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
-    ns.api::<RoleBinding>()
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    wait_for("RBAC to allow alice", T, || async {
-        as_alice.list(&ListParams::default()).await.ok()
-    })
-    .await;
+    ns.api::<Role>().create(&PostParams::default(), &role).await.unwrap();
+    ns.api::<RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
+    wait_for("RBAC to allow alice", T, || async { as_alice.list(&ListParams::default()).await.ok() }).await;
     ns.cleanup().await;
 }
 
@@ -176,18 +132,11 @@ async fn garbage_collection_removes_an_owned_child() {
         "stringData": {"k": "v"}
     }))
     .unwrap();
-    secrets
-        .create(&PostParams::default(), &child)
-        .await
-        .unwrap();
-    cms.delete("owner", &DeleteParams::background())
-        .await
-        .unwrap();
-    wait_for(
-        "the child Secret to be garbage-collected",
-        Duration::from_secs(60),
-        || async { matches!(secrets.get_opt("child").await, Ok(None)).then_some(()) },
-    )
+    secrets.create(&PostParams::default(), &child).await.unwrap();
+    cms.delete("owner", &DeleteParams::background()).await.unwrap();
+    wait_for("the child Secret to be garbage-collected", Duration::from_secs(60), || async {
+        matches!(secrets.get_opt("child").await, Ok(None)).then_some(())
+    })
     .await;
     ns.cleanup().await;
 }

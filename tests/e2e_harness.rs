@@ -14,10 +14,8 @@ use serde_json::json;
 use support::{TestNamespace, repo_root, wait_for};
 
 fn clusters_root() -> std::path::PathBuf {
-    std::env::var_os("APITOKEN_CLUSTERS_DIR").map_or_else(
-        || std::env::temp_dir().join("apitoken-clusters"),
-        std::path::PathBuf::from,
-    )
+    std::env::var_os("APITOKEN_CLUSTERS_DIR")
+        .map_or_else(|| std::env::temp_dir().join("apitoken-clusters"), std::path::PathBuf::from)
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -29,12 +27,8 @@ fn pid_alive(pid: u32) -> bool {
 async fn a_second_cluster_is_isolated_and_torn_down_when_its_owner_dies() {
     // The first cluster (the harness's) gets an object the second must not see.
     let ns = TestNamespace::new("iso").await;
-    let cm: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "only-in-first"}})).unwrap();
-    ns.api::<ConfigMap>()
-        .create(&PostParams::default(), &cm)
-        .await
-        .unwrap();
+    let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "only-in-first"}})).unwrap();
+    ns.api::<ConfigMap>().create(&PostParams::default(), &cm).await.unwrap();
 
     // The owner is a process we SIGKILL: the cluster must go with it.
     let mut owner = Command::new("sleep").arg("600").spawn().unwrap();
@@ -43,63 +37,36 @@ async fn a_second_cluster_is_isolated_and_torn_down_when_its_owner_dies() {
         .args(["up", &name, "--owner-pid", &owner.id().to_string()])
         .output()
         .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
 
     let dir = clusters_root().join(&name);
     let pids: Vec<u32> = ["etcd", "kube-apiserver", "kube-controller-manager"]
         .iter()
-        .map(|p| {
-            std::fs::read_to_string(dir.join(format!("{p}.pid")))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap()
-        })
+        .map(|p| std::fs::read_to_string(dir.join(format!("{p}.pid"))).unwrap().trim().parse().unwrap())
         .collect();
-    assert!(
-        pids.iter().all(|p| pid_alive(*p)),
-        "all three processes run"
-    );
+    assert!(pids.iter().all(|p| pid_alive(*p)), "all three processes run");
 
     let kc = Kubeconfig::read_from(dir.join("kubeconfig")).unwrap();
-    let second = Client::try_from(
-        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let second =
+        Client::try_from(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap())
+            .unwrap();
     let in_second: Api<ConfigMap> = Api::namespaced(second.clone(), &ns.name);
     assert!(matches!(in_second.get_opt("only-in-first").await, Ok(None)));
     // And the other way round.
-    let marker: ConfigMap =
-        serde_json::from_value(json!({"metadata": {"name": "only-in-second"}})).unwrap();
-    Api::<ConfigMap>::namespaced(second, "default")
-        .create(&PostParams::default(), &marker)
-        .await
-        .unwrap();
+    let marker: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "only-in-second"}})).unwrap();
+    Api::<ConfigMap>::namespaced(second, "default").create(&PostParams::default(), &marker).await.unwrap();
     let first_default: Api<ConfigMap> = Api::namespaced(ns.client.clone(), "default");
-    assert!(matches!(
-        first_default.get_opt("only-in-second").await,
-        Ok(None)
-    ));
+    assert!(matches!(first_default.get_opt("only-in-second").await, Ok(None)));
 
     owner.kill().unwrap();
     owner.wait().unwrap();
-    wait_for(
-        "the second cluster's processes to exit",
-        Duration::from_secs(30),
-        || async { pids.iter().all(|p| !pid_alive(*p)).then_some(()) },
-    )
+    wait_for("the second cluster's processes to exit", Duration::from_secs(30), || async {
+        pids.iter().all(|p| !pid_alive(*p)).then_some(())
+    })
     .await;
-    wait_for(
-        "its data directory to be removed",
-        Duration::from_secs(10),
-        || async { (!dir.exists()).then_some(()) },
-    )
+    wait_for("its data directory to be removed", Duration::from_secs(10), || async {
+        (!dir.exists()).then_some(())
+    })
     .await;
     ns.cleanup().await;
 }

@@ -29,10 +29,7 @@ async fn setup(prefix: &str) -> (TestNamespace, Operator, Api<ApiToken>, Api<Sec
 /// Applies an ApiToken the way `kubectl apply --server-side` does.
 async fn apply(tokens: &Api<ApiToken>, name: &str, spec: Value) -> ApiToken {
     let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": spec});
-    tokens
-        .patch(name, &PatchParams::apply("e2e-user"), &Patch::Apply(&body))
-        .await
-        .unwrap()
+    tokens.patch(name, &PatchParams::apply("e2e-user"), &Patch::Apply(&body)).await.unwrap()
 }
 
 async fn secret_token(secrets: &Api<Secret>, name: &str) -> Option<String> {
@@ -64,19 +61,14 @@ async fn wait_consistent(
     name: &str,
     timeout: Duration,
 ) -> (ApiToken, String) {
-    wait_for(
-        &format!("{name}: Secret holds status.tokenHash"),
-        timeout,
-        || async {
-            let at = tokens.get(name).await.ok()?;
-            let hash = at.status.as_ref()?.token_hash.clone()?;
-            let secret_name = at.status.as_ref()?.secret_name.clone()?;
-            let t = secret_token(secrets, &secret_name).await?;
-            (token::hash(&t) == hash
-                && at.status.as_ref()?.phase == Some(apitoken_operator::api::Phase::Active))
+    wait_for(&format!("{name}: Secret holds status.tokenHash"), timeout, || async {
+        let at = tokens.get(name).await.ok()?;
+        let hash = at.status.as_ref()?.token_hash.clone()?;
+        let secret_name = at.status.as_ref()?.secret_name.clone()?;
+        let t = secret_token(secrets, &secret_name).await?;
+        (token::hash(&t) == hash && at.status.as_ref()?.phase == Some(apitoken_operator::api::Phase::Active))
             .then_some((at, t))
-        },
-    )
+    })
     .await
 }
 
@@ -94,20 +86,14 @@ async fn a_new_token_is_active_with_its_secret_within_2s() {
     let text = |k: &str| String::from_utf8(data[k].0.clone()).unwrap();
     assert_eq!(text("token-id"), status.token_id.clone().unwrap());
     assert_eq!(text("scopes"), "metrics:read pipeline/prod:write");
-    assert_eq!(
-        text("expires-at"),
-        status.expires_at.clone().unwrap().0.to_string()
-    );
+    assert_eq!(text("expires-at"), status.expires_at.clone().unwrap().0.to_string());
     assert_eq!(text("authorization"), format!("Bearer {plaintext}"));
     let labels = secret.metadata.labels.clone().unwrap();
     assert_eq!(labels["app.kubernetes.io/managed-by"], "apitoken-operator");
     assert_eq!(labels["apitoken.dev/name"], "ci");
     assert_eq!(labels["team"], "a");
     let owner = &secret.metadata.owner_references.clone().unwrap()[0];
-    assert_eq!(
-        (owner.kind.as_str(), owner.name.as_str(), owner.controller),
-        ("ApiToken", "ci", Some(true))
-    );
+    assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("ApiToken", "ci", Some(true)));
     assert_eq!(owner.uid, at.metadata.uid.clone().unwrap());
     assert_eq!(
         status.display.clone().unwrap(),
@@ -115,33 +101,15 @@ async fn a_new_token_is_active_with_its_secret_within_2s() {
     );
     // 90d default lifetime, renewAt a third before.
     let issued = status.issued_at.clone().unwrap().0;
-    assert_eq!(
-        status.expires_at.clone().unwrap().0,
-        issued + jiff::SignedDuration::from_hours(90 * 24)
-    );
-    assert_eq!(
-        status.renew_at.clone().unwrap().0,
-        issued + jiff::SignedDuration::from_hours(60 * 24)
-    );
+    assert_eq!(status.expires_at.clone().unwrap().0, issued + jiff::SignedDuration::from_hours(90 * 24));
+    assert_eq!(status.renew_at.clone().unwrap().0, issued + jiff::SignedDuration::from_hours(60 * 24));
 
     // kubectl get shows the §4 columns.
-    let out = support::kubectl()
-        .args(["get", "apitok", "-n", &ns.name])
-        .output()
-        .unwrap();
+    let out = support::kubectl().args(["get", "apitok", "-n", &ns.name]).output().unwrap();
     let out = String::from_utf8(out.stdout).unwrap();
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(
-        header,
-        [
-            "NAME", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST", "USED", "AGE"
-        ],
-        "{out}"
-    );
-    assert!(
-        out.contains(&status.display.unwrap()) && out.contains("Active"),
-        "{out}"
-    );
+    assert_eq!(header, ["NAME", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST", "USED", "AGE"], "{out}");
+    assert!(out.contains(&status.display.unwrap()) && out.contains("Active"), "{out}");
     ns.cleanup().await;
 }
 
@@ -157,15 +125,10 @@ async fn scheduled_rotation_overlaps_for_the_grace_period() {
     let (at, first) = wait_consistent(&tokens, &secrets, "short", T).await;
     let s = at.status.unwrap();
     let renew_at = s.renew_at.unwrap().0;
-    assert_eq!(
-        renew_at,
-        s.issued_at.unwrap().0 + jiff::SignedDuration::from_secs(10)
-    );
+    assert_eq!(renew_at, s.issued_at.unwrap().0 + jiff::SignedDuration::from_secs(10));
 
     let second = wait_for("the Secret to hold a new token", T, || async {
-        secret_token(&secrets, "short")
-            .await
-            .filter(|t| *t != first)
+        secret_token(&secrets, "short").await.filter(|t| *t != first)
     })
     .await;
     let seen_at = jiff::Timestamp::now();
@@ -177,15 +140,9 @@ async fn scheduled_rotation_overlaps_for_the_grace_period() {
     let s = at.status.unwrap();
     assert_eq!(s.rotation_count, 1);
     assert_eq!(s.token_hash.as_deref(), Some(token::hash(&second).as_str()));
-    assert_eq!(
-        s.previous_token_hash.as_deref(),
-        Some(token::hash(&first).as_str())
-    );
+    assert_eq!(s.previous_token_hash.as_deref(), Some(token::hash(&first).as_str()));
     let until = s.previous_valid_until.unwrap().0;
-    assert_eq!(
-        until,
-        s.issued_at.unwrap().0 + jiff::SignedDuration::from_secs(5)
-    );
+    assert_eq!(until, s.issued_at.unwrap().0 + jiff::SignedDuration::from_secs(5));
 
     let dropped = wait_for("previousTokenHash to be dropped", T, || async {
         let s = tokens.get("short").await.ok()?.status?;
@@ -194,10 +151,7 @@ async fn scheduled_rotation_overlaps_for_the_grace_period() {
     .await;
     let late = dropped.duration_since(until).as_secs_f64();
     println!("previous dropped {late:+.2}s from previousValidUntil");
-    assert!(
-        (-0.5..=2.0).contains(&late),
-        "dropped {late}s from previousValidUntil"
-    );
+    assert!((-0.5..=2.0).contains(&late), "dropped {late}s from previousValidUntil");
     ns.cleanup().await;
 }
 
@@ -207,35 +161,19 @@ async fn trigger_and_annotation_rotate_exactly_once_and_reapplying_rotates_nothi
     let spec = json!({"scopes": ["metrics:read"], "rotation": {"trigger": "v1"}});
     apply(&tokens, "t", spec.clone()).await;
     let (at, first) = wait_consistent(&tokens, &secrets, "t", T).await;
-    assert_eq!(
-        at.status.as_ref().unwrap().rotation_count,
-        0,
-        "the first trigger value does not rotate"
-    );
+    assert_eq!(at.status.as_ref().unwrap().rotation_count, 0, "the first trigger value does not rotate");
 
-    apply(
-        &tokens,
-        "t",
-        json!({"scopes": ["metrics:read"], "rotation": {"trigger": "v2"}}),
-    )
-    .await;
+    apply(&tokens, "t", json!({"scopes": ["metrics:read"], "rotation": {"trigger": "v2"}})).await;
     let (at, second) = wait_for("rotation for trigger v2", T, || async {
         let (at, t) = wait_consistent(&tokens, &secrets, "t", T).await;
         (t != first).then_some((at, t))
     })
     .await;
     let s = at.status.clone().unwrap();
-    assert_eq!(
-        (s.rotation_count, s.observed_trigger.as_deref()),
-        (1, Some("v2"))
-    );
+    assert_eq!((s.rotation_count, s.observed_trigger.as_deref()), (1, Some("v2")));
 
-    let patch =
-        json!({"metadata": {"annotations": {"apitoken.dev/rotate": "2026-11-28T10:00:00Z"}}});
-    tokens
-        .patch("t", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    let patch = json!({"metadata": {"annotations": {"apitoken.dev/rotate": "2026-11-28T10:00:00Z"}}});
+    tokens.patch("t", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     let (at, third) = wait_for("rotation for the annotation", T, || async {
         let (at, t) = wait_consistent(&tokens, &secrets, "t", T).await;
         (t != second).then_some((at, t))
@@ -244,29 +182,15 @@ async fn trigger_and_annotation_rotate_exactly_once_and_reapplying_rotates_nothi
     assert_eq!(at.status.clone().unwrap().rotation_count, 2);
 
     // Re-applying the same manifest (and re-annotating the same value) changes nothing.
-    apply(
-        &tokens,
-        "t",
-        json!({"scopes": ["metrics:read"], "rotation": {"trigger": "v2"}}),
-    )
-    .await;
-    tokens
-        .patch("t", &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .unwrap();
+    apply(&tokens, "t", json!({"scopes": ["metrics:read"], "rotation": {"trigger": "v2"}})).await;
+    tokens.patch("t", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
     // A sentinel change the operator must process after the re-apply: once it is reflected,
     // any rotation caused by the re-apply would have happened too.
-    apply(
-        &tokens,
-        "t",
-        json!({"scopes": ["metrics:read", "logs:read"], "rotation": {"trigger": "v2"}}),
-    )
-    .await;
+    apply(&tokens, "t", json!({"scopes": ["metrics:read", "logs:read"], "rotation": {"trigger": "v2"}}))
+        .await;
     wait_for("the sentinel scope in status", T, || async {
         let s = tokens.get("t").await.ok()?.status?;
-        s.effective_scopes
-            .contains(&"logs:read".to_string())
-            .then_some(())
+        s.effective_scopes.contains(&"logs:read".to_string()).then_some(())
     })
     .await;
     let at = tokens.get("t").await.unwrap();
@@ -278,39 +202,21 @@ async fn trigger_and_annotation_rotate_exactly_once_and_reapplying_rotates_nothi
 #[tokio::test]
 async fn without_rotation_a_token_expires_and_its_secret_goes() {
     let (ns, _op, tokens, secrets) = setup("expire").await;
-    apply(
-        &tokens,
-        "brief",
-        json!({"lifetime": "5s", "rotation": {"enabled": false}}),
-    )
-    .await;
+    apply(&tokens, "brief", json!({"lifetime": "5s", "rotation": {"enabled": false}})).await;
     let (at, _) = wait_consistent(&tokens, &secrets, "brief", T).await;
     let expires = at.status.unwrap().expires_at.unwrap().0;
     let gone = wait_for("Expired and Secret removed", T, || async {
         let s = tokens.get("brief").await.ok()?.status?;
         let missing = matches!(secrets.get_opt("brief").await, Ok(None));
-        (s.phase == Some(apitoken_operator::api::Phase::Expired) && missing)
-            .then(jiff::Timestamp::now)
+        (s.phase == Some(apitoken_operator::api::Phase::Expired) && missing).then(jiff::Timestamp::now)
     })
     .await;
     let late = gone.duration_since(expires).as_secs_f64();
     println!("Expired {late:+.2}s after expiresAt");
-    assert!(
-        (0.0..=2.0).contains(&late),
-        "expired {late}s after expiresAt"
-    );
+    assert!((0.0..=2.0).contains(&late), "expired {late}s after expiresAt");
     let at = tokens.get("brief").await.unwrap();
-    let ready = at
-        .status
-        .unwrap()
-        .conditions
-        .into_iter()
-        .find(|c| c.type_ == "Ready")
-        .unwrap();
-    assert_eq!(
-        (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "Expired")
-    );
+    let ready = at.status.unwrap().conditions.into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "Expired"));
     ns.cleanup().await;
 }
 
@@ -322,30 +228,18 @@ async fn revoking_removes_the_secret_and_unrevoking_issues_a_new_token() {
     let (_, first) = wait_consistent(&tokens, &secrets, "r", T).await;
 
     let start = Instant::now();
-    apply(
-        &tokens,
-        "r",
-        json!({"scopes": ["metrics:read"], "description": "collector", "revoked": true}),
-    )
-    .await;
-    wait_for(
-        "Revoked and Secret removed",
-        Duration::from_secs(2),
-        || async {
-            let s = tokens.get("r").await.ok()?.status?;
-            let missing = matches!(secrets.get_opt("r").await, Ok(None));
-            (s.phase == Some(apitoken_operator::api::Phase::Revoked) && missing).then_some(())
-        },
-    )
+    apply(&tokens, "r", json!({"scopes": ["metrics:read"], "description": "collector", "revoked": true}))
+        .await;
+    wait_for("Revoked and Secret removed", Duration::from_secs(2), || async {
+        let s = tokens.get("r").await.ok()?.status?;
+        let missing = matches!(secrets.get_opt("r").await, Ok(None));
+        (s.phase == Some(apitoken_operator::api::Phase::Revoked) && missing).then_some(())
+    })
     .await;
     println!("Revoked after {:?}", start.elapsed());
 
-    apply(
-        &tokens,
-        "r",
-        json!({"scopes": ["metrics:read"], "description": "collector", "revoked": false}),
-    )
-    .await;
+    apply(&tokens, "r", json!({"scopes": ["metrics:read"], "description": "collector", "revoked": false}))
+        .await;
     let (at, second) = wait_consistent(&tokens, &secrets, "r", T).await;
     assert_ne!(first, second, "a new token");
     assert_eq!(at.status.unwrap().effective_scopes, ["metrics:read"]);
@@ -356,36 +250,29 @@ async fn revoking_removes_the_secret_and_unrevoking_issues_a_new_token() {
 #[tokio::test]
 async fn editing_scopes_or_lifetime_keeps_the_token_value() {
     let (ns, _op, tokens, secrets) = setup("edit").await;
-    apply(
-        &tokens,
-        "e",
-        json!({"scopes": ["metrics:read"], "lifetime": "30d"}),
-    )
-    .await;
+    apply(&tokens, "e", json!({"scopes": ["metrics:read"], "lifetime": "30d"})).await;
     let (at, value) = wait_consistent(&tokens, &secrets, "e", T).await;
     let issued = at.status.unwrap().issued_at.unwrap().0;
 
-    apply(&tokens, "e", json!({"scopes": ["metrics:read", "pipeline:write"], "lifetime": "60d", "audiences": ["tenant-a"]})).await;
+    apply(
+        &tokens,
+        "e",
+        json!({"scopes": ["metrics:read", "pipeline:write"], "lifetime": "60d", "audiences": ["tenant-a"]}),
+    )
+    .await;
     let s = wait_for("status to show the new scopes and expiry", T, || async {
         let s = tokens.get("e").await.ok()?.status?;
         (s.effective_scopes.len() == 2 && s.observed_generation == Some(2)).then_some(s)
     })
     .await;
-    assert_eq!(
-        s.expires_at.unwrap().0,
-        issued + jiff::SignedDuration::from_hours(60 * 24)
-    );
+    assert_eq!(s.expires_at.unwrap().0, issued + jiff::SignedDuration::from_hours(60 * 24));
     assert_eq!(s.rotation_count, 0);
     let secret = wait_for("the Secret's scopes key to follow", T, || async {
         let s = secrets.get("e").await.ok()?;
         (s.data.as_ref()?.get("scopes")?.0 == b"metrics:read pipeline:write").then_some(s)
     })
     .await;
-    assert_eq!(
-        secret.data.unwrap()["token"].0,
-        value.as_bytes(),
-        "same token value"
-    );
+    assert_eq!(secret.data.unwrap()["token"].0, value.as_bytes(), "same token value");
     ns.cleanup().await;
 }
 
@@ -399,20 +286,11 @@ async fn restart_targets_roll_after_a_rotation() {
     }))
     .unwrap();
     let deploys: Api<Deployment> = ns.api();
-    deploys
-        .create(&PostParams::default(), &deploy)
-        .await
-        .unwrap();
+    deploys.create(&PostParams::default(), &deploy).await.unwrap();
     apply(&tokens, "c", json!({"restartTargets": [{"kind": "Deployment", "name": "collector"}], "rotation": {"trigger": "1"}})).await;
     let (at, _) = wait_consistent(&tokens, &secrets, "c", T).await;
-    let annotation = |d: Deployment| {
-        d.spec?
-            .template
-            .metadata?
-            .annotations?
-            .get("apitoken.dev/token-id")
-            .cloned()
-    };
+    let annotation =
+        |d: Deployment| d.spec?.template.metadata?.annotations?.get("apitoken.dev/token-id").cloned();
     let id1 = at.status.unwrap().token_id.unwrap();
     wait_for("pod template annotation = first token id", T, || async {
         (annotation(deploys.get("collector").await.ok()?)? == id1).then_some(())
@@ -437,10 +315,7 @@ async fn deleting_the_api_token_removes_its_secret() {
     let (ns, _op, tokens, secrets) = setup("delete").await;
     apply(&tokens, "d", json!({})).await;
     wait_consistent(&tokens, &secrets, "d", T).await;
-    tokens
-        .delete("d", &DeleteParams::background())
-        .await
-        .unwrap();
+    tokens.delete("d", &DeleteParams::background()).await.unwrap();
     wait_for("the Secret to be removed", T, || async {
         matches!(secrets.get_opt("d").await, Ok(None)).then_some(())
     })
@@ -451,10 +326,9 @@ async fn deleting_the_api_token_removes_its_secret() {
 #[tokio::test]
 async fn a_foreign_secret_is_never_overwritten() {
     let (ns, _op, tokens, secrets) = setup("foreign").await;
-    let mine: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "taken"}, "stringData": {"token": "precious"}}),
-    )
-    .unwrap();
+    let mine: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "taken"}, "stringData": {"token": "precious"}}))
+            .unwrap();
     secrets.create(&PostParams::default(), &mine).await.unwrap();
     apply(&tokens, "x", json!({"secret": {"name": "taken"}})).await;
     let reason = wait_for("Ready=False SecretConflict", T, || async {
@@ -464,10 +338,7 @@ async fn a_foreign_secret_is_never_overwritten() {
     })
     .await;
     assert!(reason.contains("taken"), "{reason}");
-    assert_eq!(
-        secret_token(&secrets, "taken").await.as_deref(),
-        Some("precious")
-    );
+    assert_eq!(secret_token(&secrets, "taken").await.as_deref(), Some("precious"));
     let _ = status_field(&tokens.get("x").await.unwrap(), |s| s.token_hash.clone());
     ns.cleanup().await;
 }

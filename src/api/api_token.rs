@@ -31,8 +31,7 @@ pub const AUDIENCE_PATTERN: &str = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}$";
 /// Grammar of a token prefix (design §2).
 pub const PREFIX_PATTERN: &str = r"^[a-z][a-z0-9_]{1,15}$";
 /// A Kubernetes object name (DNS subdomain).
-pub const DNS_SUBDOMAIN_PATTERN: &str =
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 
 /// An API token the operator issues into a Secret, rotates before expiry and verifies.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -60,11 +59,7 @@ pub const DNS_SUBDOMAIN_PATTERN: &str =
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt"),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(validation = renew_before_rule())]
 #[serde(rename_all = "camelCase")]
@@ -162,12 +157,7 @@ pub struct RotationSpec {
 
 impl Default for RotationSpec {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            renew_before: None,
-            grace_period: None,
-            trigger: None,
-        }
+        Self { enabled: true, renew_before: None, grace_period: None, trigger: None }
     }
 }
 
@@ -317,27 +307,22 @@ fn renew_before_rule() -> Rule {
         "!has(self.rotation) || !has(self.rotation.renewBefore) || !has(self.lifetime) || \
          self.lifetime == 'never' || {renew} < {life}"
     ))
-    .message(Message::Message(
-        "rotation.renewBefore must be shorter than lifetime".into(),
-    ))
+    .message(Message::Message("rotation.renewBefore must be shorter than lifetime".into()))
     .field_path(".rotation.renewBefore")
 }
 
 fn grace_period_rule() -> Rule {
     let grace = cel_seconds("self.gracePeriod");
     Rule::new(format!("!has(self.gracePeriod) || {grace} <= 86400"))
-        .message(Message::Message(
-            "rotation.gracePeriod must be at most 24h".into(),
-        ))
+        .message(Message::Message("rotation.gracePeriod must be at most 24h".into()))
         .field_path(".gracePeriod")
 }
 
 fn extra_keys_rule() -> Rule {
     let reserved = RESERVED_SECRET_KEYS.map(|k| format!("'{k}'")).join(", ");
-    Rule::new(format!(
-        "self.all(k, !(k in [{reserved}]) && k.matches('^[-._a-zA-Z0-9]{{1,253}}$'))"
-    ))
-    .message(Message::Message(format!(
-        "secret.extraKeys: keys must be valid Secret keys and not one of {reserved}"
-    )))
+    Rule::new(format!("self.all(k, !(k in [{reserved}]) && k.matches('^[-._a-zA-Z0-9]{{1,253}}$'))")).message(
+        Message::Message(format!(
+            "secret.extraKeys: keys must be valid Secret keys and not one of {reserved}"
+        )),
+    )
 }

@@ -30,14 +30,8 @@ impl Error {
 
     pub(super) fn secret_write(e: kube::Error) -> Self {
         match e {
-            kube::Error::Api(s) => Error::SecretWrite {
-                code: s.code,
-                reason: s.reason.clone(),
-            },
-            _ => Error::SecretWrite {
-                code: 0,
-                reason: "transport error".into(),
-            },
+            kube::Error::Api(s) => Error::SecretWrite { code: s.code, reason: s.reason.clone() },
+            _ => Error::SecretWrite { code: 0, reason: "transport error".into() },
         }
     }
 }

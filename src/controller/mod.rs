@@ -46,14 +46,9 @@ impl Context {
     pub fn new(client: Client) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME")
-                .ok()
-                .or_else(|| std::env::var("HOSTNAME").ok()),
+            instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
         };
-        Self {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-        }
+        Self { recorder: Recorder::new(client.clone(), reporter), client }
     }
 }
 
@@ -64,23 +59,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={}",
-        secret::MANAGED_BY_LABEL,
-        secret::MANAGED_BY
-    ));
+    let owned =
+        watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
     let ctx = Arc::new(Context::new(client));
-    info!(
-        namespace = namespace.as_deref().unwrap_or("<all>"),
-        "controller started"
-    );
+    info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     Controller::new(tokens, watcher::Config::default().any_semantic())
         .owns(secrets, owned)
         .graceful_shutdown_on(shutdown)
@@ -161,74 +147,36 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         Err(violations) => {
             let message = format!(
                 "the spec cannot be issued: {}",
-                violations
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             );
             let mut failed = current.clone();
             failed.phase = plan::Phase::Failed;
-            fail(
-                obj,
-                ctx,
-                &tokens,
-                &status,
-                None,
-                &failed,
-                "InvalidSpec",
-                message,
-            )
-            .await?;
+            fail(obj, ctx, &tokens, &status, None, &failed, "InvalidSpec", message).await?;
             return Ok(Step::Done(None));
         }
     };
 
     // Observe the Secret: the one holding the token now, and the one the spec names.
     let wanted_name = secret::desired_name(obj);
-    let current_name = status
-        .secret_name
-        .clone()
-        .unwrap_or_else(|| wanted_name.clone());
+    let current_name = status.secret_name.clone().unwrap_or_else(|| wanted_name.clone());
     let existing = secrets.get_opt(&current_name).await?;
     let mut observed = vec![existing.clone()];
     if wanted_name != current_name {
         observed.push(secrets.get_opt(&wanted_name).await?);
     }
-    if let Some(foreign) = observed
-        .into_iter()
-        .flatten()
-        .find(|s| !secret::owned_by(s, obj))
-    {
+    if let Some(foreign) = observed.into_iter().flatten().find(|s| !secret::owned_by(s, obj)) {
         let message = format!(
             "Secret {} exists and is not controlled by this ApiToken; the operator will not overwrite it. \
              Delete it or set spec.secret.name to another name",
             foreign.name_any()
         );
-        fail(
-            obj,
-            ctx,
-            &tokens,
-            &status,
-            Some(&desired),
-            &current,
-            "SecretConflict",
-            message,
-        )
-        .await?;
+        fail(obj, ctx, &tokens, &status, Some(&desired), &current, "SecretConflict", message).await?;
         return Ok(Step::Done(None));
     }
     let stored = existing.as_ref().and_then(secret::stored_token);
     let in_sync = current_name == wanted_name
         && status.observed_generation == obj.metadata.generation
-        && secret_in_sync(
-            obj,
-            &desired,
-            &current,
-            existing.as_ref(),
-            stored.as_ref(),
-            now,
-        );
+        && secret_in_sync(obj, &desired, &current, existing.as_ref(), stored.as_ref(), now);
     let state = secret::state_of(
         stored.as_ref(),
         current.token_hash.as_deref(),
@@ -265,17 +213,11 @@ fn secret_in_sync(
     stored: Option<&Plaintext>,
     now: Timestamp,
 ) -> bool {
-    let (Some(actual), Some(token), Some(id)) = (existing, stored, current.token_id.as_deref())
-    else {
+    let (Some(actual), Some(token), Some(id)) = (existing, stored, current.token_id.as_deref()) else {
         return false;
     };
     let (expires_at, _) = plan::timeline(desired, current.issued_at.unwrap_or(now));
-    let content = secret::SecretContent {
-        token,
-        token_id: id,
-        expires_at,
-        scopes: &desired.scopes,
-    };
+    let content = secret::SecretContent { token, token_id: id, expires_at, scopes: &desired.scopes };
     let want = secret::render(obj, &secret::desired_name(obj), &content);
     secret::in_sync(actual, &want)
 }
@@ -327,46 +269,28 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         Action::Issue | Action::Rotate(_) | Action::Recover => {
             let mut rng = rand::rngs::OsRng.unwrap_err();
             let minted = token::generate(&desired.prefix, &mut rng);
-            let m = Minted {
-                hash: minted.hash.clone(),
-                id: minted.id.clone(),
-                display: minted.display.clone(),
-            };
+            let m =
+                Minted { hash: minted.hash.clone(), id: minted.id.clone(), display: minted.display.clone() };
             let next = plan::next_state(&action, &desired, &current, state, now, Some(m));
             // Status first: every verifier accepts the new hash before anyone can read the token.
             let new_status = build_status(obj, &status, &desired, &next, now, &wanted_name);
             let updated = write_status(&tokens, obj, new_status).await?;
-            write_secret(
-                &secrets,
-                &updated,
-                &wanted_name,
-                &minted.plaintext,
-                &next,
-                &desired,
-            )
-            .await?;
+            write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await?;
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             let (reason, note) = match action {
-                Action::Issue => (
-                    "Issued",
-                    format!("issued {} into Secret {wanted_name}", minted.display),
-                ),
+                Action::Issue => ("Issued", format!("issued {} into Secret {wanted_name}", minted.display)),
                 Action::Rotate(r) => (
                     "Rotated",
                     format!(
                         "rotated to {} ({}); the previous token stays valid until {}",
                         minted.display,
                         r.as_str(),
-                        next.previous_valid_until
-                            .map_or_else(|| "now".into(), |t| t.to_string())
+                        next.previous_valid_until.map_or_else(|| "now".into(), |t| t.to_string())
                     ),
                 ),
                 _ => (
                     "Recovered",
-                    format!(
-                        "the Secret did not hold the current token; issued {}",
-                        minted.display
-                    ),
+                    format!("the Secret did not hold the current token; issued {}", minted.display),
                 ),
             };
             info!(reason, token = %minted.display, "token written");
@@ -391,8 +315,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                     obj,
                     EventType::Normal,
                     "Updated",
-                    "updated expiry, scopes or Secret metadata; the token value is unchanged"
-                        .into(),
+                    "updated expiry, scopes or Secret metadata; the token value is unchanged".into(),
                 )
                 .await;
             }
@@ -400,12 +323,9 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(
-                &tokens,
-                obj,
-                build_status(obj, &status, &desired, &next, now, &wanted_name),
-            )
-            .await?;
+            let updated =
+                write_status(&tokens, obj, build_status(obj, &status, &desired, &next, now, &wanted_name))
+                    .await?;
             publish(
                 ctx,
                 obj,
@@ -418,12 +338,9 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::Expire | Action::Revoke => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(
-                &tokens,
-                obj,
-                build_status(obj, &status, &desired, &next, now, &wanted_name),
-            )
-            .await?;
+            let updated =
+                write_status(&tokens, obj, build_status(obj, &status, &desired, &next, now, &wanted_name))
+                    .await?;
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
@@ -436,11 +353,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                     ),
                 )
             } else {
-                (
-                    "Revoked",
-                    "spec.revoked is true: the token is rejected and its Secret removed"
-                        .to_string(),
-                )
+                ("Revoked", "spec.revoked is true: the token is rejected and its Secret removed".to_string())
             };
             publish(ctx, obj, EventType::Warning, reason, note).await;
             Ok(Step::Continue(Box::new(updated)))
@@ -499,10 +412,7 @@ async fn write_status(
     let mut o = obj.clone();
     o.status = Some(status);
     o.metadata.managed_fields = None;
-    let pp = PostParams {
-        field_manager: Some(MANAGER.into()),
-        ..PostParams::default()
-    };
+    let pp = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match tokens.replace_status(&obj.name_any(), &pp, &o).await {
         Ok(updated) => Ok(updated),
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
@@ -522,23 +432,12 @@ async fn write_secret(
     let rendered = secret::render(
         owner,
         name,
-        &secret::SecretContent {
-            token,
-            token_id: id,
-            expires_at: next.expires_at,
-            scopes: &d.scopes,
-        },
+        &secret::SecretContent { token, token_id: id, expires_at: next.expires_at, scopes: &d.scopes },
     );
     let mut body = serde_json::to_value(&rendered)?;
     body["apiVersion"] = "v1".into();
     body["kind"] = "Secret".into();
-    let result = secrets
-        .patch(
-            name,
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await;
+    let result = secrets.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await;
     // Error text from a write carrying the token is reduced to its code and reason.
     result.map(|_| ()).map_err(Error::secret_write)
 }
@@ -552,21 +451,12 @@ async fn delete_secret(secrets: &Api<Secret>, name: &str) -> Result<(), Error> {
 }
 
 async fn remove_old_secret(secrets: &Api<Secret>, old: &str, new: &str) -> Result<(), Error> {
-    if old == new {
-        Ok(())
-    } else {
-        delete_secret(secrets, old).await
-    }
+    if old == new { Ok(()) } else { delete_secret(secrets, old).await }
 }
 
 async fn publish(ctx: &Context, obj: &ApiToken, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: reason.into(),
-        secondary: None,
-    };
+    let event =
+        Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
     if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, reason, "publishing an event failed");
     }

@@ -48,10 +48,7 @@ pub async fn converge(ctx: &Context, obj: &ApiToken, ns: &str, token_id: &str) {
         match result {
             Ok(true) => {
                 info!(kind = ?target.kind, name = target.name, "restart target rolled");
-                let note = format!(
-                    "rolled {:?} {} to pick up token {token_id}",
-                    target.kind, target.name
-                );
+                let note = format!("rolled {:?} {} to pick up token {token_id}", target.kind, target.name);
                 publish(ctx, obj, EventType::Normal, "RestartTriggered", note).await;
             }
             Ok(false) => {}
@@ -80,18 +77,11 @@ where
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     let current = api.get(name).await?;
-    if annotations(&current)
-        .and_then(|a| a.get(TOKEN_ID_ANNOTATION).cloned())
-        .as_deref()
-        == Some(token_id)
-    {
+    if annotations(&current).and_then(|a| a.get(TOKEN_ID_ANNOTATION).cloned()).as_deref() == Some(token_id) {
         return Ok(false);
     }
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {TOKEN_ID_ANNOTATION: token_id}}}}});
-    let pp = PatchParams {
-        field_manager: Some(MANAGER.into()),
-        ..PatchParams::default()
-    };
+    let pp = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
     api.patch(name, &pp, &Patch::Merge(&patch)).await?;
     Ok(true)
 }

@@ -27,11 +27,7 @@ pub struct SecretContent<'a> {
 
 /// The Secret name an ApiToken wants.
 pub fn desired_name(at: &ApiToken) -> String {
-    at.spec
-        .secret
-        .name
-        .clone()
-        .unwrap_or_else(|| at.metadata.name.clone().unwrap_or_default())
+    at.spec.secret.name.clone().unwrap_or_else(|| at.metadata.name.clone().unwrap_or_default())
 }
 
 /// Renders the Secret for `at` (design §3): type, keys, extra keys, labels, controller owner.
@@ -42,35 +38,23 @@ pub fn render(at: &ApiToken, name: &str, content: &SecretContent<'_>) -> Secret 
     };
     put("token", content.token.expose());
     put("token-id", content.token_id);
-    put(
-        "expires-at",
-        &content
-            .expires_at
-            .map(|t| t.to_string())
-            .unwrap_or_default(),
-    );
+    put("expires-at", &content.expires_at.map(|t| t.to_string()).unwrap_or_default());
     put("scopes", &content.scopes.join(" "));
     for (key, template) in &at.spec.secret.extra_keys {
         let rendered = zeroize::Zeroizing::new(
-            template
-                .replace("{{token}}", content.token.expose())
-                .replace("{{tokenId}}", content.token_id),
+            template.replace("{{token}}", content.token.expose()).replace("{{tokenId}}", content.token_id),
         );
         put(key, &rendered);
     }
     let mut labels = at.spec.secret.labels.clone();
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
-    labels.insert(
-        NAME_LABEL.into(),
-        at.metadata.name.clone().unwrap_or_default(),
-    );
+    labels.insert(NAME_LABEL.into(), at.metadata.name.clone().unwrap_or_default());
     Secret {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: at.metadata.namespace.clone(),
             labels: Some(labels),
-            annotations: (!at.spec.secret.annotations.is_empty())
-                .then(|| at.spec.secret.annotations.clone()),
+            annotations: (!at.spec.secret.annotations.is_empty()).then(|| at.spec.secret.annotations.clone()),
             owner_references: at.controller_owner_ref(&()).map(|o| vec![o]),
             ..ObjectMeta::default()
         },
@@ -94,31 +78,18 @@ pub fn owned_by(secret: &Secret, at: &ApiToken) -> bool {
 /// The token an existing Secret holds, if any.
 pub fn stored_token(secret: &Secret) -> Option<Plaintext> {
     let bytes = secret.data.as_ref()?.get("token")?;
-    std::str::from_utf8(&bytes.0)
-        .ok()
-        .map(token::plaintext_from_stored)
+    std::str::from_utf8(&bytes.0).ok().map(token::plaintext_from_stored)
 }
 
 /// Does `actual` carry everything `wanted` renders (keys, type, labels, annotations, owner)?
 pub fn in_sync(actual: &Secret, wanted: &Secret) -> bool {
-    fn subset<V: PartialEq>(
-        want: Option<&BTreeMap<String, V>>,
-        have: Option<&BTreeMap<String, V>>,
-    ) -> bool {
-        want.iter()
-            .flat_map(|m| m.iter())
-            .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+    fn subset<V: PartialEq>(want: Option<&BTreeMap<String, V>>, have: Option<&BTreeMap<String, V>>) -> bool {
+        want.iter().flat_map(|m| m.iter()).all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
     }
     actual.type_ == wanted.type_
         && subset(wanted.data.as_ref(), actual.data.as_ref())
-        && subset(
-            wanted.metadata.labels.as_ref(),
-            actual.metadata.labels.as_ref(),
-        )
-        && subset(
-            wanted.metadata.annotations.as_ref(),
-            actual.metadata.annotations.as_ref(),
-        )
+        && subset(wanted.metadata.labels.as_ref(), actual.metadata.labels.as_ref())
+        && subset(wanted.metadata.annotations.as_ref(), actual.metadata.annotations.as_ref())
         && actual.metadata.name == wanted.metadata.name
 }
 
@@ -152,10 +123,7 @@ mod tests {
         let mut at = ApiToken::new("ci", ApiTokenSpec::default());
         at.metadata.namespace = Some("team".into());
         at.metadata.uid = Some("uid-1".into());
-        at.spec
-            .secret
-            .extra_keys
-            .insert("authorization".into(), "Bearer {{token}}".into());
+        at.spec.secret.extra_keys.insert("authorization".into(), "Bearer {{token}}".into());
         at.spec.secret.labels.insert("reloader".into(), "on".into());
         at
     }
@@ -165,22 +133,15 @@ mod tests {
         let at = api_token();
         let t = token::generate("apitok", &mut rand::rngs::StdRng::seed_from_u64(1));
         let scopes = vec!["a:read".to_string(), "b:write".to_string()];
-        let content = SecretContent {
-            token: &t.plaintext,
-            token_id: &t.id,
-            expires_at: None,
-            scopes: &scopes,
-        };
+        let content =
+            SecretContent { token: &t.plaintext, token_id: &t.id, expires_at: None, scopes: &scopes };
         let s = render(&at, "ci", &content);
         assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
         let data = s.data.as_ref().unwrap();
         assert_eq!(data["token"].0, t.plaintext.expose().as_bytes());
         assert_eq!(data["scopes"].0, b"a:read b:write");
         assert_eq!(data["expires-at"].0, b"");
-        assert_eq!(
-            data["authorization"].0,
-            format!("Bearer {}", t.plaintext.expose()).as_bytes()
-        );
+        assert_eq!(data["authorization"].0, format!("Bearer {}", t.plaintext.expose()).as_bytes());
         let labels = s.metadata.labels.as_ref().unwrap();
         assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
         assert_eq!(labels[NAME_LABEL], "ci");
@@ -188,11 +149,7 @@ mod tests {
         assert!(in_sync(&s, &s));
 
         let mut drifted = s.clone();
-        drifted
-            .data
-            .as_mut()
-            .unwrap()
-            .insert("scopes".into(), ByteString(b"a:read".to_vec()));
+        drifted.data.as_mut().unwrap().insert("scopes".into(), ByteString(b"a:read".to_vec()));
         assert!(!in_sync(&drifted, &s));
 
         let stored = stored_token(&s).unwrap();
@@ -200,17 +157,8 @@ mod tests {
             state_of(Some(&stored), Some(&t.hash), None, true),
             SecretState::Current { in_sync: true }
         );
-        assert_eq!(
-            state_of(Some(&stored), Some("sha256:x"), Some(&t.hash), true),
-            SecretState::Previous
-        );
-        assert_eq!(
-            state_of(Some(&stored), Some("sha256:x"), None, true),
-            SecretState::Foreign
-        );
-        assert_eq!(
-            state_of(None, Some("sha256:x"), None, true),
-            SecretState::Missing
-        );
+        assert_eq!(state_of(Some(&stored), Some("sha256:x"), Some(&t.hash), true), SecretState::Previous);
+        assert_eq!(state_of(Some(&stored), Some("sha256:x"), None, true), SecretState::Foreign);
+        assert_eq!(state_of(None, Some("sha256:x"), None, true), SecretState::Missing);
     }
 }

@@ -88,10 +88,7 @@ pub fn conditions(
     failure: Option<(&'static str, String)>,
 ) -> Vec<Want> {
     let display = c.display.as_deref().unwrap_or("the token");
-    let expires = c.expires_at.map_or_else(
-        || "never expires".to_string(),
-        |e| format!("expires at {e}"),
-    );
+    let expires = c.expires_at.map_or_else(|| "never expires".to_string(), |e| format!("expires at {e}"));
     let ready = match (failure, c.phase) {
         (Some((reason, message)), _) => Want { type_: "Ready", ok: false, reason, message },
         (None, Phase::Active) => Want {
@@ -123,23 +120,14 @@ pub fn conditions(
         Want {
             type_: "Issued",
             ok: true,
-            reason: if c.rotation_count > 0 {
-                "Rotated"
-            } else {
-                "Issued"
-            },
+            reason: if c.rotation_count > 0 { "Rotated" } else { "Issued" },
             message: format!(
                 "{display} {how}, current one at {}",
                 c.issued_at.map(|t| t.to_string()).unwrap_or_default()
             ),
         }
     } else {
-        Want {
-            type_: "Issued",
-            ok: false,
-            reason: "NotIssued",
-            message: "no valid token is issued".into(),
-        }
+        Want { type_: "Issued", ok: false, reason: "NotIssued", message: "no valid token is issued".into() }
     };
     let compliant = Want {
         type_: "PolicyCompliant",
@@ -147,9 +135,7 @@ pub fn conditions(
         reason: "Compliant",
         message: "within the default limits (lifetime at most 365d, no 'never')".into(),
     };
-    let expiring_at = d
-        .zip(c.expires_at)
-        .and_then(|(d, e)| plan::expiring_from(d, e));
+    let expiring_at = d.zip(c.expires_at).and_then(|(d, e)| plan::expiring_from(d, e));
     let rotation_off = d.is_some_and(|d| !d.rotation_enabled && d.lifetime != Lifetime::Never);
     let expiring = match expiring_at {
         Some(from) if c.phase == Phase::Active && rotation_off && now >= from => Want {
@@ -181,13 +167,10 @@ pub fn merge_conditions(
     want.into_iter()
         .map(|w| {
             let status = if w.ok { "True" } else { "False" };
-            let since = old
-                .iter()
-                .find(|c| c.type_ == w.type_ && c.status == status)
-                .map_or_else(
-                    || Time(Timestamp::from_second(now.as_second()).expect("in range")),
-                    |c| c.last_transition_time.clone(),
-                );
+            let since = old.iter().find(|c| c.type_ == w.type_ && c.status == status).map_or_else(
+                || Time(Timestamp::from_second(now.as_second()).expect("in range")),
+                |c| c.last_transition_time.clone(),
+            );
             Condition {
                 type_: w.type_.into(),
                 status: status.into(),

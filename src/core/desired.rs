@@ -66,7 +66,11 @@ pub fn validate(spec: &SpecInput<'_>, limits: &Limits) -> Result<Desired, Vec<Vi
     let lifetime = match spec.lifetime.map(parse_lifetime) {
         None => Lifetime::Finite(limits.default_lifetime),
         Some(Ok(Lifetime::Never)) if !limits.allow_never => {
-            bad("spec.lifetime", "'never' is not allowed: no ApiTokenPolicy for this namespace sets lifetime.allowNever".into());
+            bad(
+                "spec.lifetime",
+                "'never' is not allowed: no ApiTokenPolicy for this namespace sets lifetime.allowNever"
+                    .into(),
+            );
             Lifetime::Finite(limits.default_lifetime)
         }
         Some(Ok(Lifetime::Finite(d))) if d > limits.max_lifetime => {
@@ -136,16 +140,9 @@ pub fn validate(spec: &SpecInput<'_>, limits: &Limits) -> Result<Desired, Vec<Vi
             Vec::new()
         }
     };
-    let prefix = spec
-        .prefix
-        .or(limits.prefix.as_deref())
-        .unwrap_or(DEFAULT_PREFIX)
-        .to_string();
+    let prefix = spec.prefix.or(limits.prefix.as_deref()).unwrap_or(DEFAULT_PREFIX).to_string();
     if !valid_prefix(&prefix) {
-        bad(
-            "spec.prefix",
-            format!("'{prefix}' must match [a-z][a-z0-9_]{{1,15}}"),
-        );
+        bad("spec.prefix", format!("'{prefix}' must match [a-z][a-z0-9_]{{1,15}}"));
     }
     if !v.is_empty() {
         return Err(v);
@@ -168,20 +165,13 @@ mod tests {
     use super::*;
 
     fn spec(scopes: &[String]) -> SpecInput<'_> {
-        SpecInput {
-            rotation_enabled: true,
-            scopes,
-            ..SpecInput::default()
-        }
+        SpecInput { rotation_enabled: true, scopes, ..SpecInput::default() }
     }
 
     #[test]
     fn defaults() {
         let d = validate(&spec(&[]), &Limits::default()).unwrap();
-        assert_eq!(
-            d.lifetime,
-            Lifetime::Finite(SignedDuration::from_hours(2160))
-        );
+        assert_eq!(d.lifetime, Lifetime::Finite(SignedDuration::from_hours(2160)));
         assert_eq!(d.grace_period, SignedDuration::from_mins(10));
         assert_eq!(d.prefix, "apitok");
     }
@@ -199,32 +189,17 @@ mod tests {
         let fields: Vec<_> = v.iter().map(|v| v.field).collect();
         assert_eq!(
             fields,
-            [
-                "spec.lifetime",
-                "spec.rotation.renewBefore",
-                "spec.rotation.gracePeriod",
-                "spec.scopes"
-            ]
+            ["spec.lifetime", "spec.rotation.renewBefore", "spec.rotation.gracePeriod", "spec.scopes"]
         );
         assert!(v[0].message.contains("365d"), "{}", v[0]);
     }
 
     #[test]
     fn never_needs_a_policy() {
-        let s = SpecInput {
-            lifetime: Some("never"),
-            ..spec(&[])
-        };
+        let s = SpecInput { lifetime: Some("never"), ..spec(&[]) };
         let v = validate(&s, &Limits::default()).unwrap_err();
         assert!(v[0].message.contains("allowNever"));
-        let d = validate(
-            &s,
-            &Limits {
-                allow_never: true,
-                ..Limits::default()
-            },
-        )
-        .unwrap();
+        let d = validate(&s, &Limits { allow_never: true, ..Limits::default() }).unwrap();
         assert_eq!(d.lifetime, Lifetime::Never);
     }
 }

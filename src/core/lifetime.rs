@@ -52,11 +52,7 @@ pub fn parse_duration(s: &str) -> Result<SignedDuration, DurationError> {
 
 /// Parses a lifetime: a duration or `never`.
 pub fn parse_lifetime(s: &str) -> Result<Lifetime, DurationError> {
-    if s == "never" {
-        Ok(Lifetime::Never)
-    } else {
-        parse_duration(s).map(Lifetime::Finite)
-    }
+    if s == "never" { Ok(Lifetime::Never) } else { parse_duration(s).map(Lifetime::Finite) }
 }
 
 /// Formats a duration the way users write them (`90d`, `1h30m`), for messages.
@@ -83,31 +79,17 @@ mod tests {
 
     #[test]
     fn common_lifetimes() {
-        assert_eq!(
-            parse_lifetime("90d"),
-            Ok(Lifetime::Finite(SignedDuration::from_hours(90 * 24)))
-        );
-        assert_eq!(
-            parse_lifetime("1w2d"),
-            Ok(Lifetime::Finite(SignedDuration::from_hours(9 * 24)))
-        );
-        assert_eq!(
-            parse_lifetime("12h30m"),
-            Ok(Lifetime::Finite(SignedDuration::from_mins(750)))
-        );
-        assert_eq!(
-            parse_lifetime("20s"),
-            Ok(Lifetime::Finite(SignedDuration::from_secs(20)))
-        );
+        assert_eq!(parse_lifetime("90d"), Ok(Lifetime::Finite(SignedDuration::from_hours(90 * 24))));
+        assert_eq!(parse_lifetime("1w2d"), Ok(Lifetime::Finite(SignedDuration::from_hours(9 * 24))));
+        assert_eq!(parse_lifetime("12h30m"), Ok(Lifetime::Finite(SignedDuration::from_mins(750))));
+        assert_eq!(parse_lifetime("20s"), Ok(Lifetime::Finite(SignedDuration::from_secs(20))));
         assert_eq!(parse_lifetime("never"), Ok(Lifetime::Never));
     }
 
     #[test]
     fn bad_durations_say_what_is_expected() {
-        for bad in [
-            "", "90", "d", "90 days", "1M", "1y", "-5d", "5.5h", "1h 30m", "0s", "NEVER",
-            "1234567d",
-        ] {
+        for bad in ["", "90", "d", "90 days", "1M", "1y", "-5d", "5.5h", "1h 30m", "0s", "NEVER", "1234567d"]
+        {
             let err = parse_lifetime(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }

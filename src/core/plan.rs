@@ -120,12 +120,8 @@ pub fn timeline(d: &Desired, issued_at: Timestamp) -> (Option<Timestamp>, Option
     match d.lifetime {
         Lifetime::Never => (None, None),
         Lifetime::Finite(life) => {
-            let expires = issued_at
-                .saturating_add(life)
-                .expect("signed duration is in range");
-            let renew = expires
-                .saturating_sub(renew_before(d, life))
-                .expect("in range");
+            let expires = issued_at.saturating_add(life).expect("signed duration is in range");
+            let renew = expires.saturating_sub(renew_before(d, life)).expect("in range");
             (Some(expires), d.rotation_enabled.then_some(renew))
         }
     }
@@ -133,8 +129,7 @@ pub fn timeline(d: &Desired, issued_at: Timestamp) -> (Option<Timestamp>, Option
 
 /// `rotation.renewBefore`, defaulting to a third of the lifetime (whole seconds).
 pub fn renew_before(d: &Desired, life: SignedDuration) -> SignedDuration {
-    d.renew_before
-        .unwrap_or_else(|| SignedDuration::from_secs(life.as_secs() / 3))
+    d.renew_before.unwrap_or_else(|| SignedDuration::from_secs(life.as_secs() / 3))
 }
 
 /// The start of the "Expiring" window: within `renewBefore` of expiry.
@@ -180,11 +175,7 @@ pub fn plan(d: &Desired, c: &Current, secret: SecretState, now: Timestamp) -> Ac
     let (expires_at, renew_at) = timeline(d, issued_at);
     // 4. Expiry, to the second.
     if expires_at.is_some_and(|e| now >= e) {
-        return if d.rotation_enabled {
-            Action::Rotate(RotateReason::Expired)
-        } else {
-            Action::Expire
-        };
+        return if d.rotation_enabled { Action::Rotate(RotateReason::Expired) } else { Action::Expire };
     }
     // 5. Explicit requests.
     if trigger_changed(d, c) {
@@ -218,9 +209,7 @@ pub fn plan(d: &Desired, c: &Current, secret: SecretState, now: Timestamp) -> Ac
         return Action::UpdateMetadata;
     }
     // 10. Sleep until the next instant something is due.
-    let expiring = expires_at
-        .and_then(|e| expiring_from(d, e))
-        .filter(|t| *t > now);
+    let expiring = expires_at.and_then(|e| expiring_from(d, e)).filter(|t| *t > now);
     let until = [renew_at, c.previous_valid_until, expires_at, expiring]
         .into_iter()
         .flatten()
@@ -290,8 +279,7 @@ pub fn next_state(
             n.display = Some(m.display);
             n.issued_at = Some(now);
             n.observed_trigger.clone_from(&d.trigger);
-            n.observed_rotate_annotation
-                .clone_from(&d.rotate_annotation);
+            n.observed_rotate_annotation.clone_from(&d.rotate_annotation);
             set_timeline(&mut n, d, now);
             n.phase = Phase::Active;
         }
@@ -388,24 +376,15 @@ mod tests {
     fn the_design_example_issues_rotates_and_retires() {
         let d = desired(20, Some(10), 5);
         let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(0), &mut n),
-            vec![Action::Issue]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(0), &mut n), vec![Action::Issue]);
         assert_eq!((c.expires_at, c.renew_at), (Some(t(20)), Some(t(10))));
         assert_eq!(plan(&d, &c, s, t(1)), Action::Wait { until: Some(t(10)) });
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(10), &mut n),
-            vec![Action::Rotate(RotateReason::Scheduled)]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(10), &mut n), vec![Action::Rotate(RotateReason::Scheduled)]);
         assert_eq!(c.rotation_count, 1);
         assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"));
         assert_eq!(c.previous_valid_until, Some(t(15)));
         assert_eq!(plan(&d, &c, s, t(11)), Action::Wait { until: Some(t(15)) });
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(15), &mut n),
-            vec![Action::RetirePrevious]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(15), &mut n), vec![Action::RetirePrevious]);
         assert_eq!(c.previous_token_hash, None);
         assert_eq!(plan(&d, &c, s, t(16)), Action::Wait { until: Some(t(20)) });
     }
@@ -429,20 +408,11 @@ mod tests {
         let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
         settle(&d, &mut c, &mut s, t(0), &mut n);
         d.revoked = true;
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(1), &mut n),
-            vec![Action::Revoke]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(1), &mut n), vec![Action::Revoke]);
         assert_eq!((c.phase, s), (Phase::Revoked, SecretState::Missing));
         d.revoked = false;
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(2), &mut n),
-            vec![Action::Issue]
-        );
-        assert!(
-            c.token_hash.is_some() && c.token_hash.as_deref() != Some("sha256:1"),
-            "a new token"
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(2), &mut n), vec![Action::Issue]);
+        assert!(c.token_hash.is_some() && c.token_hash.as_deref() != Some("sha256:1"), "a new token");
         assert_eq!((c.phase, c.rotation_count), (Phase::Active, 0));
     }
 
@@ -453,10 +423,7 @@ mod tests {
         settle(&d, &mut c, &mut s, t(0), &mut n);
         d.scopes.push("pipeline:write".into());
         d.lifetime = Lifetime::Finite(SignedDuration::from_secs(7200));
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(10), &mut n),
-            vec![Action::UpdateMetadata]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(10), &mut n), vec![Action::UpdateMetadata]);
         assert_eq!(c.token_hash.as_deref(), Some("sha256:1"));
         assert_eq!(c.expires_at, Some(t(7200)));
     }
@@ -474,31 +441,18 @@ mod tests {
             &c,
             s,
             t(5),
-            Some(Minted {
-                hash: "sha256:lost".into(),
-                id: "x".into(),
-                display: String::new(),
-            }),
+            Some(Minted { hash: "sha256:lost".into(), id: "x".into(), display: String::new() }),
         );
         s = SecretState::Previous;
-        assert_eq!(
-            settle(&d, &mut c, &mut s, t(6), &mut n),
-            vec![Action::Recover]
-        );
+        assert_eq!(settle(&d, &mut c, &mut s, t(6), &mut n), vec![Action::Recover]);
         assert_eq!(c.rotation_count, 1);
         assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"));
         assert_ne!(c.token_hash.as_deref(), Some("sha256:lost"));
     }
 
     fn arb_desired() -> impl Strategy<Value = Desired> {
-        (
-            1i64..400_000,
-            0u8..3,
-            0i64..86_400,
-            any::<bool>(),
-            any::<bool>(),
-        )
-            .prop_map(|(life, renew, grace, enabled, never)| {
+        (1i64..400_000, 0u8..3, 0i64..86_400, any::<bool>(), any::<bool>()).prop_map(
+            |(life, renew, grace, enabled, never)| {
                 let mut d = desired(life, None, grace);
                 d.renew_before = match renew {
                     0 => None,
@@ -510,7 +464,8 @@ mod tests {
                     d.lifetime = Lifetime::Never;
                 }
                 d
-            })
+            },
+        )
     }
 
     proptest! {

@@ -10,25 +10,21 @@ pub struct Scope {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "'{0}' is not a scope: expected resource[/name]:verb, e.g. metrics:read or pipeline/prod:write"
-)]
+#[error("'{0}' is not a scope: expected resource[/name]:verb, e.g. metrics:read or pipeline/prod:write")]
 pub struct ScopeError(pub String);
 
 fn is_resource(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=63).contains(&b.len())
         && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
 }
 
 fn is_name(s: &str) -> bool {
     let b = s.as_bytes();
     (1..=253).contains(&b.len())
         && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
 }
 
 fn is_verb(s: &str) -> bool {
@@ -36,8 +32,7 @@ fn is_verb(s: &str) -> bool {
     s == "*"
         || ((1..=32).contains(&b.len())
             && b[0].is_ascii_lowercase()
-            && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-'))
+            && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-'))
 }
 
 impl std::str::FromStr for Scope {
@@ -53,11 +48,7 @@ impl std::str::FromStr for Scope {
         if !is_resource(resource) || !name.is_none_or(is_name) || !is_verb(verb) {
             return Err(err());
         }
-        Ok(Scope {
-            resource: resource.into(),
-            name: name.map(Into::into),
-            verb: verb.into(),
-        })
+        Ok(Scope { resource: resource.into(), name: name.map(Into::into), verb: verb.into() })
     }
 }
 
@@ -109,30 +100,12 @@ mod tests {
 
     #[test]
     fn grammar() {
-        assert_eq!(
-            s("metrics:read"),
-            Scope {
-                resource: "metrics".into(),
-                name: None,
-                verb: "read".into()
-            }
-        );
-        assert_eq!(
-            s("pipeline/prod-east:write").name.as_deref(),
-            Some("prod-east")
-        );
+        assert_eq!(s("metrics:read"), Scope { resource: "metrics".into(), name: None, verb: "read".into() });
+        assert_eq!(s("pipeline/prod-east:write").name.as_deref(), Some("prod-east"));
         assert_eq!(s("pipeline:*").verb, "*");
-        for bad in [
-            "",
-            "metrics",
-            ":read",
-            "metrics:",
-            "Metrics:read",
-            "a/b/c:read",
-            "m:READ",
-            "m/:read",
-            "m:r w",
-        ] {
+        for bad in
+            ["", "metrics", ":read", "metrics:", "Metrics:read", "a/b/c:read", "m:READ", "m/:read", "m:r w"]
+        {
             assert!(bad.parse::<Scope>().is_err(), "{bad}");
         }
     }
@@ -144,22 +117,15 @@ mod tests {
         assert!(!s("pipeline:read").covers(&s("pipeline/prod:write")));
         assert!(!s("pipeline/dev:*").covers(&s("pipeline/prod:read")));
         assert!(!s("metrics:read").covers(&s("pipeline:read")));
-        assert!(
-            !s("pipeline/prod:read").covers(&s("pipeline:read")),
-            "a named scope is narrower"
-        );
+        assert!(!s("pipeline/prod:read").covers(&s("pipeline:read")), "a named scope is narrower");
     }
 
     #[test]
     fn parse_all_reports_every_bad_entry() {
-        let errs =
-            parse_all(&["metrics:read".into(), "bad".into(), "Also:bad".into()]).unwrap_err();
+        let errs = parse_all(&["metrics:read".into(), "bad".into(), "Also:bad".into()]).unwrap_err();
         assert_eq!(errs.len(), 2);
         let ok = parse_all(&["b:read".into(), "a:read".into(), "b:read".into()]).unwrap();
-        assert_eq!(
-            ok.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            ["a:read", "b:read"]
-        );
+        assert_eq!(ok.iter().map(ToString::to_string).collect::<Vec<_>>(), ["a:read", "b:read"]);
     }
 
     proptest! {

@@ -97,16 +97,12 @@ pub fn valid_prefix(prefix: &str) -> bool {
     let b = prefix.as_bytes();
     (2..=16).contains(&b.len())
         && b[0].is_ascii_lowercase()
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
 }
 
 /// Generates a token with `prefix` from `rng` (the OS CSPRNG in production).
 pub fn generate<R: Rng + CryptoRng + ?Sized>(prefix: &str, rng: &mut R) -> Token {
-    debug_assert!(
-        valid_prefix(prefix),
-        "prefix is validated before generation"
-    );
+    debug_assert!(valid_prefix(prefix), "prefix is validated before generation");
     let mut s = String::with_capacity(prefix.len() + 1 + BODY_LEN);
     s.push_str(prefix);
     s.push('_');
@@ -117,12 +113,7 @@ pub fn generate<R: Rng + CryptoRng + ?Sized>(prefix: &str, rng: &mut R) -> Token
     s.push_str(&checksum);
     let plaintext = Plaintext(Zeroizing::new(s));
     let id = plaintext.expose()[prefix.len() + 1..][..ID_LEN].to_string();
-    Token {
-        display: display(&plaintext),
-        hash: hash(plaintext.expose()),
-        id,
-        plaintext,
-    }
+    Token { display: display(&plaintext), hash: hash(plaintext.expose()), id, plaintext }
 }
 
 /// CRC32 of `s`, base62, zero-padded to six characters.
@@ -156,10 +147,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, ParseError> {
     if checksum(signed) != sum {
         return Err(ParseError::ChecksumMismatch);
     }
-    Ok(Parsed {
-        prefix,
-        id: &body[..ID_LEN],
-    })
+    Ok(Parsed { prefix, id: &body[..ID_LEN] })
 }
 
 /// `sha256:<hex>` of the whole token string: the only form stored at rest.
@@ -207,28 +195,15 @@ mod tests {
         assert!(s.starts_with("apitok_"));
         assert_eq!(t.id, &s[7..15]);
         assert!(t.hash.starts_with("sha256:") && t.hash.len() == 71);
-        assert_eq!(
-            t.display,
-            format!("apitok_{}…{}", &s[7..15], &s[s.len() - 4..])
-        );
-        assert_eq!(
-            parse(s).unwrap(),
-            Parsed {
-                prefix: "apitok",
-                id: &t.id
-            }
-        );
+        assert_eq!(t.display, format!("apitok_{}…{}", &s[7..15], &s[s.len() - 4..]));
+        assert_eq!(parse(s).unwrap(), Parsed { prefix: "apitok", id: &t.id });
     }
 
     #[test]
     fn debug_and_display_never_show_the_plaintext() {
         let t = gen_with(2, DEFAULT_PREFIX);
         let secret_part = &t.plaintext.expose()[15..55];
-        for rendered in [
-            format!("{t:?}"),
-            format!("{}", t.plaintext),
-            format!("{:?}", t.plaintext),
-        ] {
+        for rendered in [format!("{t:?}"), format!("{}", t.plaintext), format!("{:?}", t.plaintext)] {
             assert!(!rendered.contains(secret_part), "{rendered}");
         }
     }
@@ -259,10 +234,7 @@ mod tests {
             let line = format!("export API_TOKEN=\"{}\" # rotated", t.plaintext.expose());
             assert_eq!(re.find(&line).unwrap().as_str(), t.plaintext.expose());
             let c = generate("acme_ci", &mut rng);
-            assert_eq!(
-                custom.find(c.plaintext.expose()).unwrap().as_str(),
-                c.plaintext.expose()
-            );
+            assert_eq!(custom.find(c.plaintext.expose()).unwrap().as_str(), c.plaintext.expose());
             assert!(!re.is_match(c.plaintext.expose()));
         }
         let b54 = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8S9t0U1v2W3x4Y5z6Ab";

@@ -10,10 +10,7 @@ use crate::controller;
 
 pub fn main(args: RunArgs) -> ExitCode {
     init_logging(args.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime failed: {e}");
@@ -32,9 +29,7 @@ pub fn main(args: RunArgs) -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -53,9 +48,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             warn!(component = ?missing, "component not available in this version yet; not started");
         }
     }
-    let client = kube::Client::try_default().await.map_err(|e| {
-        anyhow::anyhow!("connecting to the Kubernetes API failed (is KUBECONFIG set?): {e}")
-    })?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API failed (is KUBECONFIG set?): {e}"))?;
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, namespace = ?args.namespace, "connected to the Kubernetes API");
     if args.runs(Component::Controller) {

@@ -35,9 +35,7 @@ fn hack(script: &str) -> Command {
 }
 
 fn output_of(mut cmd: Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?} failed: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?} failed: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}",
@@ -72,19 +70,14 @@ pub fn cluster() -> &'static Cluster {
         let mut print = hack("build-control-plane");
         print.arg("--print");
         let bin_dir = output_of(print).trim().into();
-        Cluster {
-            name,
-            kubeconfig,
-            bin_dir,
-        }
+        Cluster { name, kubeconfig, bin_dir }
     })
 }
 
 async fn client_from(kubeconfig: &Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
+    let config =
+        Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");
     Client::try_from(config).expect("client")
 }
 
@@ -143,9 +136,8 @@ impl TestNamespace {
     }
 
     pub async fn cleanup(self) {
-        let _ = Api::<Namespace>::all(self.client.clone())
-            .delete(&self.name, &DeleteParams::background())
-            .await;
+        let _ =
+            Api::<Namespace>::all(self.client.clone()).delete(&self.name, &DeleteParams::background()).await;
     }
 }
 
@@ -168,10 +160,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

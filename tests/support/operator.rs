@@ -18,25 +18,17 @@ pub async fn install_crds() {
         let crds: Api<CustomResourceDefinition> = Api::all(admin_client().await);
         for crd in [apitoken_operator::api::ApiToken::crd()] {
             let name = crd.metadata.name.clone().unwrap();
-            crds.patch(
-                &name,
-                &PatchParams::apply("apitoken-e2e").force(),
-                &Patch::Apply(&crd),
-            )
-            .await
-            .unwrap();
-            wait_for(
-                "CRD Established",
-                std::time::Duration::from_secs(30),
-                || async {
-                    let c = crds.get(&name).await.ok()?;
-                    c.status?
-                        .conditions?
-                        .iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                        .then_some(())
-                },
-            )
+            crds.patch(&name, &PatchParams::apply("apitoken-e2e").force(), &Patch::Apply(&crd))
+                .await
+                .unwrap();
+            wait_for("CRD Established", std::time::Duration::from_secs(30), || async {
+                let c = crds.get(&name).await.ok()?;
+                c.status?
+                    .conditions?
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+                    .then_some(())
+            })
             .await;
         }
     })
@@ -55,11 +47,7 @@ impl Operator {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{namespace}.log"));
-        let mut op = Self {
-            child: None,
-            log,
-            namespace: namespace.to_string(),
-        };
+        let mut op = Self { child: None, log, namespace: namespace.to_string() };
         op.restart();
         op
     }
@@ -67,19 +55,9 @@ impl Operator {
     /// Starts the process again (after `kill`), appending to the same log.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_apitoken-operator"))
-            .args([
-                "run",
-                "--namespace",
-                &self.namespace,
-                "--no-leader-election",
-                "--plain-http",
-            ])
+            .args(["run", "--namespace", &self.namespace, "--no-leader-election", "--plain-http"])
             .args([
                 "--components",
                 "controller",
@@ -89,10 +67,7 @@ impl Operator {
                 "127.0.0.1:0",
             ])
             .env("KUBECONFIG", &cluster().kubeconfig)
-            .env(
-                "RUST_LOG",
-                "debug,hyper=info,tower=info,rustls=info,h2=info",
-            )
+            .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,h2=info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
