@@ -124,10 +124,10 @@ async fn sigkill_during_50_rotations_loses_nothing_and_never_rotates_twice() {
     for n in names {
         apply(&tokens, n, json!({"scopes": ["metrics:read"], "rotation": {"trigger": "0"}})).await;
     }
-    let seed: u64 =
+    let crash_seed: u64 =
         std::env::var("APITOKEN_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(20_261_128);
-    println!("crash schedule seed {seed} (set APITOKEN_CRASH_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    println!("crash schedule seed {crash_seed} (set APITOKEN_CRASH_SEED to replay)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(crash_seed);
     let mut requested: BTreeMap<&str, u32> = BTreeMap::new();
     let mut kills = 0;
     for round in 1..=10u32 {
