@@ -5,6 +5,7 @@
 //! returned (so a stale cache never decides anything: status writes carry a resourceVersion
 //! precondition and a conflict simply retries).
 
+mod cleanup;
 mod error;
 mod restart;
 pub mod secret;
@@ -65,9 +66,10 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let ctx = Arc::new(Context::new(client));
+    let ctx = Arc::new(Context::new(client.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
-    Controller::new(tokens, watcher::Config::default().any_semantic())
+    let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone());
+    let controller = Controller::new(tokens, watcher::Config::default().any_semantic())
         .owns(secrets, owned)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -76,8 +78,11 @@ pub async fn run(
                 Ok((obj, _)) => debug!(name = obj.name, namespace = ?obj.namespace, "reconciled"),
                 Err(e) => debug!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = controller => {},
+        () = cleanup => {},
+    }
     info!("controller stopped");
 }
 
