@@ -8,4 +8,6 @@ pub mod api;
 pub mod cli;
 pub mod controller;
 pub mod core;
+pub mod metrics;
 pub mod run;
+pub mod verify;

@@ -1,0 +1,364 @@
+//! The verification endpoints of design §7: JSON verify, forward-auth, TokenReview.
+//!
+//! Every request is answered from the in-memory index; nothing here calls the API server.
+//! Error bodies say why, never echo the token, and malformed input is a 4xx, never a 500.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
+use serde::Deserialize;
+use serde_json::json;
+use tower_http::timeout::TimeoutLayer;
+
+use super::decision::{Denial, Granted, Request, decide};
+use super::index::Index;
+use super::last_used::LastUsed;
+use super::limiter::FailureLimiter;
+use crate::core::scope::Scope;
+use crate::metrics::{EndpointLabels, Metrics, VerifyLabels};
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub index: Index,
+    pub metrics: Arc<Metrics>,
+    pub limiter: Arc<FailureLimiter>,
+    pub last_used: LastUsed,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/verify", post(verify))
+        .route("/v1/auth", any(auth))
+        .route("/apis/authentication.k8s.io/v1/tokenreviews", post(token_review))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)))
+        .with_state(state)
+}
+
+/// `/metrics`, `/healthz`, `/readyz` (ready once the index has synced, when there is one).
+pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>) -> Router {
+    let ready_index = index.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                let index = index.clone();
+                async move {
+                    if let Some(index) = index {
+                        metrics.index_hashes.set(i64::try_from(index.len()).unwrap_or(i64::MAX));
+                    }
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if ready_index.as_ref().is_none_or(Index::is_ready) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "the token index has not synced yet")
+                }
+            }),
+        )
+}
+
+impl AppState {
+    /// 429 for a client that is over its failure quota.
+    fn gate(&self, client: IpAddr) -> Option<Response> {
+        let wait = self.limiter.blocked(client)?;
+        self.metrics.rate_limited.inc();
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let body = json!({"valid": false, "reason": "rate_limited", "message": "too many failed verifications from this client; retry later"});
+        Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, secs.max(1).to_string())],
+                axum::Json(body),
+            )
+                .into_response(),
+        )
+    }
+
+    fn decide(&self, endpoint: &'static str, client: IpAddr, req: &Request<'_>) -> Result<Granted, Denial> {
+        let start = Instant::now();
+        let result = decide(req, |d| self.index.get(d), Timestamp::now());
+        let label = match &result {
+            Ok(_) => "valid",
+            Err(d) => d.reason(),
+        };
+        self.metrics.verifications.get_or_create(&VerifyLabels { endpoint, result: label }).inc();
+        self.metrics
+            .verify_latency
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(start.elapsed().as_secs_f64());
+        match &result {
+            Ok(g) => self.last_used.record(&g.entry.meta.namespace, &g.entry.meta.name),
+            Err(d) if d.status() == 401 => self.limiter.failed(client),
+            Err(_) => {}
+        }
+        result
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(json!({"valid": false, "reason": "bad_request", "message": message})),
+    )
+        .into_response()
+}
+
+/// A JSON error described by position and kind only: serde's own text may quote input values.
+fn json_error(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "is not valid JSON",
+        serde_json::error::Category::Data => "does not have the expected fields and types",
+        serde_json::error::Category::Io => "could not be read",
+    };
+    format!("the request body {kind} (line {}, column {})", e.line(), e.column())
+}
+
+fn parse_scopes<'a>(raw: impl Iterator<Item = &'a str>) -> Result<Vec<Scope>, String> {
+    let mut out = Vec::new();
+    for (i, s) in raw.flat_map(|s| s.split([' ', ',']).filter(|s| !s.is_empty())).enumerate() {
+        // The value is not echoed: a client might have put a secret in the wrong place.
+        out.push(s.parse().map_err(|_| format!("required scope #{} is not resource[/name]:verb", i + 1))?);
+    }
+    Ok(out)
+}
+
+fn denial_body(d: &Denial) -> serde_json::Value {
+    let mut body = json!({"valid": false, "reason": d.reason(), "message": d.message()});
+    if let Denial::MissingScope(missing) = d {
+        body["missingScopes"] = json!(missing);
+    }
+    body
+}
+
+fn granted_body(g: &Granted) -> serde_json::Value {
+    let m = &g.entry.meta;
+    json!({
+        "valid": true,
+        "namespace": m.namespace,
+        "name": m.name,
+        "tokenId": g.token_id,
+        "scopes": m.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "audiences": m.audiences,
+        "expiresAt": g.entry.valid_until.map(|t| t.to_string()),
+        "previous": g.entry.previous,
+    })
+}
+
+#[derive(Deserialize)]
+struct VerifyBody {
+    token: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    #[serde(default)]
+    audience: Option<String>,
+}
+
+async fn verify(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = s.gate(peer.ip()) {
+        return r;
+    }
+    let req: VerifyBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&json_error(&e)),
+    };
+    let scopes = match parse_scopes(req.scopes.iter().map(String::as_str)) {
+        Ok(s) => s,
+        Err(m) => return bad_request(&m),
+    };
+    let audiences: Vec<&str> = req.audience.as_deref().into_iter().collect();
+    let request = Request { token: &req.token, scopes: &scopes, audiences: &audiences };
+    match s.decide("verify", peer.ip(), &request) {
+        Ok(g) => (StatusCode::OK, axum::Json(granted_body(&g))).into_response(),
+        Err(d) => (status(&d), axum::Json(denial_body(&d))).into_response(),
+    }
+}
+
+fn status(d: &Denial) -> StatusCode {
+    if d.status() == 403 { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED }
+}
+
+/// RFC 6750 challenge; `description` and `scope` are our own words, never client input.
+fn challenge(error: Option<&str>, description: Option<&str>, scope: Option<&str>) -> HeaderValue {
+    let mut v = String::from("Bearer realm=\"apitoken\"");
+    for (key, value) in [("error", error), ("error_description", description), ("scope", scope)] {
+        if let Some(value) = value {
+            v.push_str(", ");
+            v.push_str(key);
+            v.push_str("=\"");
+            v.push_str(value);
+            v.push('"');
+        }
+    }
+    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"apitoken\""))
+}
+
+async fn auth(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = s.gate(peer.ip()) {
+        return r;
+    }
+    let params: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
+        Ok(p) => p,
+        Err(_) => return bad_request("the query string is not valid (expected scope=…&audience=…)"),
+    };
+    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let raw_scopes = params
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .map(|(_, v)| v.as_str())
+        .chain(header_str("x-required-scopes"));
+    let scopes = match parse_scopes(raw_scopes) {
+        Ok(s) => s,
+        Err(m) => return bad_request(&m),
+    };
+    let audience = params
+        .iter()
+        .find(|(k, _)| k == "audience")
+        .map(|(_, v)| v.as_str())
+        .or_else(|| header_str("x-token-audience"));
+    let token = match headers.get(header::AUTHORIZATION) {
+        None => {
+            let body = json!({"valid": false, "reason": "missing_token", "message": "send Authorization: Bearer <token>"});
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, challenge(None, None, None))],
+                axum::Json(body),
+            )
+                .into_response();
+        }
+        Some(v) => match v
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        {
+            Some(t) => t.trim(),
+            None => {
+                let body = json!({"valid": false, "reason": "invalid_request", "message": "the Authorization header must be 'Bearer <token>'"});
+                let h = challenge(Some("invalid_request"), Some("expected a Bearer token"), None);
+                return (StatusCode::BAD_REQUEST, [(header::WWW_AUTHENTICATE, h)], axum::Json(body))
+                    .into_response();
+            }
+        },
+    };
+    let audiences: Vec<&str> = audience.into_iter().collect();
+    let request = Request { token, scopes: &scopes, audiences: &audiences };
+    match s.decide("auth", peer.ip(), &request) {
+        Ok(g) => {
+            let m = &g.entry.meta;
+            let mut resp = (StatusCode::OK, "ok").into_response();
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("x-token-id", g.token_id.as_str()),
+                ("x-token-name", m.name.as_str()),
+                ("x-token-namespace", m.namespace.as_str()),
+                ("x-token-scopes", m.scopes_joined.as_str()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            }
+            resp
+        }
+        Err(d) => {
+            let h = match &d {
+                Denial::MissingScope(missing) => {
+                    challenge(Some("insufficient_scope"), Some("missing scope"), Some(&missing.join(" ")))
+                }
+                Denial::AudienceMismatch => {
+                    challenge(Some("insufficient_scope"), Some("audience mismatch"), None)
+                }
+                other => challenge(Some("invalid_token"), Some(other.reason()), None),
+            };
+            (status(&d), [(header::WWW_AUTHENTICATE, h)], axum::Json(denial_body(&d))).into_response()
+        }
+    }
+}
+
+async fn token_review(
+    State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = s.gate(peer.ip()) {
+        return r;
+    }
+    let review: TokenReview = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&json_error(&e)),
+    };
+    let token = review.spec.token.as_deref().unwrap_or("");
+    let wanted = review.spec.audiences.clone().unwrap_or_default();
+    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+    let request = Request { token, scopes: &[], audiences: &wanted };
+    let status = match s.decide("tokenreview", peer.ip(), &request) {
+        Ok(g) => {
+            let m = &g.entry.meta;
+            let mut extra = std::collections::BTreeMap::new();
+            extra.insert(
+                "apitoken.dev/scopes".to_string(),
+                m.scopes.iter().map(ToString::to_string).collect(),
+            );
+            extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.clone()]);
+            if !m.audiences.is_empty() {
+                extra.insert("apitoken.dev/audiences".to_string(), m.audiences.clone());
+            }
+            TokenReviewStatus {
+                authenticated: Some(true),
+                user: Some(UserInfo {
+                    username: Some(format!("apitoken:{}:{}", m.namespace, m.name)),
+                    uid: Some(format!("apitoken:{}:{}:{}", m.namespace, m.name, g.token_id)),
+                    groups: Some(vec![
+                        "apitoken:authenticated".into(),
+                        format!("apitoken:namespace:{}", m.namespace),
+                    ]),
+                    extra: Some(extra),
+                }),
+                // Empty for an unbound token: valid for whatever audience the caller implies.
+                audiences: (!g.audiences.is_empty()).then(|| g.audiences.clone()),
+                error: None,
+            }
+        }
+        Err(d) => TokenReviewStatus {
+            authenticated: Some(false),
+            error: Some(format!("{}: {}", d.reason(), d.message())),
+            ..TokenReviewStatus::default()
+        },
+    };
+    // The spec (with the token) is not echoed back.
+    let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status});
+    (StatusCode::OK, axum::Json(body)).into_response()
+}

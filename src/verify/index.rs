@@ -1,0 +1,245 @@
+//! The in-memory index every verifier answers from: token hash → what verification needs.
+//!
+//! Fed by a watch of ApiTokens (see [`run_watch`]); never touched by a request except to read.
+//! Keeps only the facts verification uses, not whole objects.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use jiff::Timestamp;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{ApiToken, Phase};
+use crate::core::scope::Scope;
+
+/// Raw SHA-256 of a token.
+pub type Digest = [u8; 32];
+
+/// Facts shared by a token's current and previous hash.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TokenMeta {
+    pub namespace: String,
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    /// `scopes` joined by spaces, ready for a response header.
+    pub scopes_joined: String,
+    pub audiences: Vec<String>,
+    pub revoked: bool,
+}
+
+/// One valid (or recently valid) hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub meta: Arc<TokenMeta>,
+    /// The hash is accepted strictly before this instant (`None`: never expires).
+    pub valid_until: Option<Timestamp>,
+    /// This is the previous token, inside its grace period.
+    pub previous: bool,
+}
+
+/// Entries for one ApiToken, as derived from the object.
+pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
+    let Some(status) = &at.status else { return Vec::new() };
+    if matches!(status.phase, Some(Phase::Denied)) {
+        return Vec::new();
+    }
+    let scopes: Vec<Scope> = status.effective_scopes.iter().filter_map(|s| s.parse().ok()).collect();
+    let meta = Arc::new(TokenMeta {
+        namespace: at.namespace().unwrap_or_default(),
+        name: at.name_any(),
+        scopes_joined: scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+        scopes,
+        audiences: at.spec.audiences.clone(),
+        revoked: at.spec.revoked || status.phase == Some(Phase::Revoked),
+    });
+    let mut out = Vec::with_capacity(2);
+    if let Some(d) = status.token_hash.as_deref().and_then(parse_digest) {
+        let valid_until = status.expires_at.as_ref().map(|t| t.0);
+        out.push((d, Entry { meta: meta.clone(), valid_until, previous: false }));
+    }
+    if let (Some(d), Some(until)) =
+        (status.previous_token_hash.as_deref().and_then(parse_digest), status.previous_valid_until.as_ref())
+    {
+        out.push((d, Entry { meta, valid_until: Some(until.0), previous: true }));
+    }
+    out
+}
+
+/// `sha256:<64 hex>` → raw digest.
+pub fn parse_digest(s: &str) -> Option<Digest> {
+    let hex = s.strip_prefix("sha256:")?;
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[derive(Default)]
+struct Inner {
+    by_hash: HashMap<Digest, Entry>,
+    /// namespace/name → its hashes and the list generation that last saw it.
+    by_object: HashMap<(String, String), (Vec<Digest>, u64)>,
+    generation: u64,
+}
+
+/// The shared index. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Index {
+    inner: Arc<RwLock<Inner>>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Index {
+    pub fn get(&self, digest: &Digest) -> Option<Entry> {
+        self.inner.read().expect("index lock").by_hash.get(digest).cloned()
+    }
+
+    /// Number of hashes held.
+    pub fn len(&self) -> usize {
+        self.inner.read().expect("index lock").by_hash.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ready once the first full list has been applied.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Inserts or replaces everything known about `at`.
+    pub fn upsert(&self, at: &ApiToken) {
+        let key = (at.namespace().unwrap_or_default(), at.name_any());
+        let entries = entries_of(at);
+        let mut inner = self.inner.write().expect("index lock");
+        let generation = inner.generation;
+        if let Some((old, _)) = inner.by_object.remove(&key) {
+            for d in old {
+                inner.by_hash.remove(&d);
+            }
+        }
+        let digests = entries.iter().map(|(d, _)| *d).collect();
+        inner.by_hash.extend(entries);
+        inner.by_object.insert(key, (digests, generation));
+    }
+
+    pub fn remove(&self, at: &ApiToken) {
+        let key = (at.namespace().unwrap_or_default(), at.name_any());
+        let mut inner = self.inner.write().expect("index lock");
+        if let Some((old, _)) = inner.by_object.remove(&key) {
+            for d in old {
+                inner.by_hash.remove(&d);
+            }
+        }
+    }
+
+    /// A (re-)list starts: objects not seen again before [`Index::finish_list`] are dropped.
+    fn start_list(&self) {
+        self.inner.write().expect("index lock").generation += 1;
+    }
+
+    fn finish_list(&self) {
+        let mut inner = self.inner.write().expect("index lock");
+        let current = inner.generation;
+        let stale: Vec<_> =
+            inner.by_object.iter().filter(|(_, (_, g))| *g != current).map(|(k, _)| k.clone()).collect();
+        for key in stale {
+            if let Some((digests, _)) = inner.by_object.remove(&key) {
+                for d in digests {
+                    inner.by_hash.remove(&d);
+                }
+            }
+        }
+        inner.by_hash.shrink_to_fit();
+        drop(inner);
+        self.ready.store(true, Ordering::Release);
+    }
+}
+
+/// Keeps `index` in step with the ApiTokens the client can see, forever.
+pub async fn run_watch(client: Client, namespace: Option<String>, index: Index) {
+    let api: Api<ApiToken> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(watcher::Event::Init) => index.start_list(),
+            Ok(watcher::Event::InitApply(at) | watcher::Event::Apply(at)) => index.upsert(&at),
+            Ok(watcher::Event::InitDone) => {
+                index.finish_list();
+                info!(hashes = index.len(), "verification index synced");
+            }
+            Ok(watcher::Event::Delete(at)) => index.remove(&at),
+            Err(e) => warn!(error = %e, "ApiToken watch failed; retrying (the index keeps answering)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ApiTokenSpec, ApiTokenStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn token(name: &str, hash: &str, previous: Option<&str>) -> ApiToken {
+        let mut at = ApiToken::new(name, ApiTokenSpec::default());
+        at.metadata.namespace = Some("ns".into());
+        at.status = Some(ApiTokenStatus {
+            phase: Some(Phase::Active),
+            token_hash: Some(hash.into()),
+            previous_token_hash: previous.map(Into::into),
+            previous_valid_until: previous.map(|_| Time(Timestamp::from_second(100).unwrap())),
+            effective_scopes: vec!["metrics:read".into()],
+            ..ApiTokenStatus::default()
+        });
+        at
+    }
+
+    fn h(n: u8) -> String {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+    }
+
+    #[test]
+    fn upsert_replaces_and_relist_drops_what_is_gone() {
+        let index = Index::default();
+        index.upsert(&token("a", &h(1), None));
+        index.upsert(&token("b", &h(2), None));
+        assert_eq!(index.len(), 2);
+        // Rotation: the new status replaces the old hashes.
+        index.upsert(&token("a", &h(3), Some(&h(1))));
+        assert!(index.get(&parse_digest(&h(3)).unwrap()).is_some());
+        assert!(index.get(&parse_digest(&h(1)).unwrap()).unwrap().previous);
+        assert_eq!(index.len(), 3);
+        // A re-list that no longer contains b.
+        index.start_list();
+        index.upsert(&token("a", &h(3), None));
+        index.finish_list();
+        assert_eq!(index.len(), 1);
+        assert!(index.is_ready());
+    }
+
+    #[test]
+    fn digests_parse_strictly() {
+        assert_eq!(parse_digest(&h(171)), Some([171u8; 32]));
+        for bad in [
+            "",
+            "sha256:",
+            "md5:00",
+            &h(1)[..70],
+            "sha256:zz00000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            assert_eq!(parse_digest(bad), None, "{bad}");
+        }
+    }
+}

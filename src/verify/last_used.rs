@@ -1,0 +1,106 @@
+//! `status.lastUsedAt`, written back at most once a minute per token by this process.
+//! Requests only `try_send` into a bounded channel: a busy API server never slows verification,
+//! and under overload an update is dropped rather than queued without bound.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::api::ApiToken;
+
+pub const DEBOUNCE: Duration = Duration::from_secs(60);
+
+#[derive(Clone)]
+pub struct LastUsed {
+    tx: Option<mpsc::Sender<(String, String)>>,
+}
+
+impl LastUsed {
+    /// A recorder that writes nothing (verification-only tests, benchmarks).
+    pub fn disabled() -> Self {
+        Self { tx: None }
+    }
+
+    pub fn record(&self, namespace: &str, name: &str) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send((namespace.to_string(), name.to_string()));
+        }
+    }
+}
+
+/// Decides which uses to write: the first use of a token, then at most one per `DEBOUNCE`.
+#[derive(Default)]
+pub struct Debouncer {
+    last: HashMap<(String, String), Instant>,
+}
+
+impl Debouncer {
+    pub fn due(&mut self, key: &(String, String), now: Instant) -> bool {
+        match self.last.get(key) {
+            Some(t) if now.duration_since(*t) < DEBOUNCE => false,
+            _ => {
+                self.last.insert(key.clone(), now);
+                true
+            }
+        }
+    }
+
+    pub fn forget_older_than(&mut self, now: Instant) {
+        self.last.retain(|_, t| now.duration_since(*t) < DEBOUNCE);
+    }
+}
+
+/// Starts the writer; returns the handle requests use.
+pub fn start(client: Client) -> LastUsed {
+    let (tx, mut rx) = mpsc::channel::<(String, String)>(4096);
+    tokio::spawn(async move {
+        let mut debouncer = Debouncer::default();
+        let mut sweeps = 0u32;
+        while let Some(key) = rx.recv().await {
+            let now = Instant::now();
+            if !debouncer.due(&key, now) {
+                continue;
+            }
+            let api: Api<ApiToken> = Api::namespaced(client.clone(), &key.0);
+            let stamp = Timestamp::from_second(Timestamp::now().as_second()).expect("in range");
+            let patch = json!({"status": {"lastUsedAt": stamp.to_string()}});
+            let pp = PatchParams {
+                field_manager: Some("apitoken-operator-verify".into()),
+                ..PatchParams::default()
+            };
+            if let Err(e) = api.patch_status(&key.1, &pp, &Patch::Merge(&patch)).await {
+                debug!(namespace = key.0, name = key.1, error = %e, "writing lastUsedAt failed");
+            }
+            sweeps += 1;
+            if sweeps.is_multiple_of(1024) {
+                debouncer.forget_older_than(now);
+            }
+        }
+    });
+    LastUsed { tx: Some(tx) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_one_write_per_minute_per_token() {
+        let mut d = Debouncer::default();
+        let t0 = Instant::now();
+        let a = ("ns".to_string(), "a".to_string());
+        let b = ("ns".to_string(), "b".to_string());
+        assert!(d.due(&a, t0));
+        assert!(!d.due(&a, t0 + Duration::from_secs(59)));
+        assert!(d.due(&b, t0 + Duration::from_secs(1)));
+        assert!(d.due(&a, t0 + Duration::from_secs(60)));
+        d.forget_older_than(t0 + Duration::from_secs(200));
+        assert!(d.last.is_empty());
+    }
+}

@@ -1,0 +1,77 @@
+//! The verification service (design §7): an index fed by a watch, a pure decision, and the HTTP
+//! endpoints, served over rustls (HTTP/1.1 and HTTP/2) or plain HTTP for local use.
+
+pub mod decision;
+pub mod http;
+pub mod index;
+pub mod last_used;
+pub mod limiter;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tower::ServiceExt;
+use tracing::{debug, info};
+
+/// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    let Some(tls) = tls else {
+        info!(%addr, "serving plain HTTP");
+        return axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await;
+    };
+    info!(%addr, "serving HTTPS (HTTP/1.1 and HTTP/2)");
+    let acceptor = TlsAcceptor::from(tls);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => { debug!(error = %e, "accept failed"); continue; }
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            // A client that never finishes the handshake does not hold a task forever.
+            let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .max_buf_size(64 * 1024);
+            builder.http2().max_header_list_size(32 * 1024).max_concurrent_streams(256);
+            if let Err(e) =
+                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).await
+            {
+                debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+}
