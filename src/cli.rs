@@ -88,6 +88,14 @@ pub struct RunArgs {
     #[arg(long = "no-leader-election", overrides_with = "leader_election")]
     pub no_leader_election: bool,
 
+    /// Failed verifications a client may make per second, sustained, before it gets 429.
+    #[arg(long, env = "APITOKEN_FAILURES_PER_SECOND", default_value_t = 5)]
+    pub failures_per_second: u32,
+
+    /// Failed verifications a client may make in a burst before it gets 429.
+    #[arg(long, env = "APITOKEN_FAILURES_BURST", default_value_t = 20)]
+    pub failures_burst: u32,
+
     /// Log format.
     #[arg(long, env = "APITOKEN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

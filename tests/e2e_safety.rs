@@ -90,6 +90,11 @@ async fn no_plaintext_reaches_logs_events_or_status() {
     )
     .await;
     apply(&tokens, "b", json!({"lifetime": "3s", "rotation": {"enabled": false}})).await;
+    // Issued before the first trigger, so that every trigger below is a rotation.
+    wait_for("a issued", Duration::from_secs(30), || async {
+        tokens.get("a").await.ok()?.status?.token_hash
+    })
+    .await;
     for trigger in ["1", "2", "3"] {
         apply(&tokens, "a", json!({"scopes": ["metrics:read"], "rotation": {"trigger": trigger}, "secret": {"extraKeys": {"auth": "Bearer {{token}}"}}})).await;
         wait_for("trigger observed", Duration::from_secs(30), || async {

@@ -74,7 +74,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let index = args.runs(Component::Verify).then(Index::default);
     if let Some(index) = &index {
         background.spawn(verify::index::run_watch(client.clone(), args.namespace.clone(), index.clone()));
-        let limiter = Arc::new(FailureLimiter::new(5, 20));
+        let limiter = Arc::new(FailureLimiter::new(args.failures_per_second, args.failures_burst));
         let sweeper = limiter.clone();
         background.spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(30));

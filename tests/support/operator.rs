@@ -38,16 +38,70 @@ pub async fn install_crds() {
 pub struct Operator {
     child: Option<Child>,
     pub log: PathBuf,
-    namespace: String,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    /// `http://127.0.0.1:<port>` of the verification service, when it runs.
+    pub verify_url: Option<String>,
+    pub metrics_url: String,
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 impl Operator {
-    /// Starts `apitoken-operator run` watching `namespace`, logging at debug level.
+    /// Starts `apitoken-operator run` (controller only) watching `namespace`, at debug level.
     pub fn start(namespace: &str) -> Self {
+        Self::start_with(namespace, "controller", &cluster().kubeconfig)
+    }
+
+    /// Starts the controller and the verification service (plain HTTP on a free loopback port).
+    pub fn start_verifying(namespace: &str) -> Self {
+        let mut op = Self::start_with(namespace, "controller,verify", &cluster().kubeconfig);
+        // Tests poll with failing tokens from one address; the limiter has a test of its own.
+        op.kill();
+        op.args.extend([
+            "--failures-per-second".into(),
+            "100000".into(),
+            "--failures-burst".into(),
+            "100000".into(),
+        ]);
+        op.restart();
+        op
+    }
+
+    /// Verification with the default failure limits.
+    pub fn start_verifying_with_default_limits(namespace: &str) -> Self {
+        Self::start_with(namespace, "controller,verify", &cluster().kubeconfig)
+    }
+
+    pub fn start_with(namespace: &str, components: &str, kubeconfig: &std::path::Path) -> Self {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{namespace}.log"));
-        let mut op = Self { child: None, log, namespace: namespace.to_string() };
+        let (listen, metrics) = (free_port(), free_port());
+        let args = vec![
+            "run".into(),
+            "--namespace".into(),
+            namespace.into(),
+            "--no-leader-election".into(),
+            "--plain-http".into(),
+            "--components".into(),
+            components.into(),
+            "--listen".into(),
+            format!("127.0.0.1:{listen}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics}"),
+        ];
+        let mut op = Self {
+            child: None,
+            log,
+            args,
+            kubeconfig: kubeconfig.to_path_buf(),
+            verify_url: components.contains("verify").then(|| format!("http://127.0.0.1:{listen}")),
+            metrics_url: format!("http://127.0.0.1:{metrics}"),
+        };
         op.restart();
         op
     }
@@ -57,16 +111,8 @@ impl Operator {
         assert!(self.child.is_none(), "already running");
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_apitoken-operator"))
-            .args(["run", "--namespace", &self.namespace, "--no-leader-election", "--plain-http"])
-            .args([
-                "--components",
-                "controller",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .env("KUBECONFIG", &cluster().kubeconfig)
+            .args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "debug,hyper=info,tower=info,rustls=info,h2=info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
