@@ -74,7 +74,7 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
-async fn client_from(kubeconfig: &Path) -> Client {
+pub async fn client_from(kubeconfig: &Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
     let config =
         Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("valid kubeconfig");

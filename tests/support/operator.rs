@@ -11,28 +11,24 @@ use tokio::sync::OnceCell;
 
 use super::{admin_client, cluster, wait_for};
 
-/// Installs the CRDs from `crds/` (once per test binary) and waits until they are Established.
+/// Installs the CRDs (once per test binary) and waits until they are Established.
 pub async fn install_crds() {
     static DONE: OnceCell<()> = OnceCell::const_new();
-    DONE.get_or_init(|| async {
-        let crds: Api<CustomResourceDefinition> = Api::all(admin_client().await);
-        for crd in [apitoken_operator::api::ApiToken::crd()] {
-            let name = crd.metadata.name.clone().unwrap();
-            crds.patch(&name, &PatchParams::apply("apitoken-e2e").force(), &Patch::Apply(&crd))
-                .await
-                .unwrap();
-            wait_for("CRD Established", std::time::Duration::from_secs(30), || async {
-                let c = crds.get(&name).await.ok()?;
-                c.status?
-                    .conditions?
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-                    .then_some(())
-            })
-            .await;
-        }
-    })
-    .await;
+    DONE.get_or_init(|| async { install_crds_with(admin_client().await).await }).await;
+}
+
+/// Installs the CRDs through `client` and waits until they are Established.
+pub async fn install_crds_with(client: kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client);
+    for crd in [apitoken_operator::api::ApiToken::crd()] {
+        let name = crd.metadata.name.clone().unwrap();
+        crds.patch(&name, &PatchParams::apply("apitoken-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
+        wait_for("CRD Established", std::time::Duration::from_secs(30), || async {
+            let c = crds.get(&name).await.ok()?;
+            c.status?.conditions?.iter().any(|c| c.type_ == "Established" && c.status == "True").then_some(())
+        })
+        .await;
+    }
 }
 
 pub struct Operator {
@@ -77,10 +73,15 @@ impl Operator {
     }
 
     pub fn start_with(namespace: &str, components: &str, kubeconfig: &std::path::Path) -> Self {
+        Self::start_on(namespace, components, kubeconfig, free_port())
+    }
+
+    /// As `start_with`, with the verification service on `listen`.
+    pub fn start_on(namespace: &str, components: &str, kubeconfig: &std::path::Path, listen: u16) -> Self {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join(format!("{namespace}.log"));
-        let (listen, metrics) = (free_port(), free_port());
+        let metrics = free_port();
         let args = vec![
             "run".into(),
             "--namespace".into(),
