@@ -12,6 +12,7 @@ help:
 ## Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from pinned Go modules
 ## (first time only; cached in ~/.cache/apitoken-operator).
 tools:
+	@$(STAGE) deps hack/ensure-deps
 	@$(STAGE) tools bash -c "hack/build-control-plane >/dev/null"
 
 fmt-check:
@@ -24,6 +25,7 @@ unit:
 	@$(STAGE) unit cargo test --locked --lib --bins
 
 e2e: tools
+	@$(STAGE) e2e-deps hack/ensure-deps nginx
 	@$(STAGE) e2e hack/e2e
 
 test: tools fmt-check clippy unit e2e
