@@ -345,3 +345,54 @@ async fn a_flood_of_bad_tokens_is_rate_limited_without_slowing_other_clients() {
     assert!(m.body.as_str().unwrap_or_default().contains("apitoken_rate_limited_total"));
     ns.cleanup().await;
 }
+
+#[tokio::test]
+async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
+    install_crds().await;
+    let ns = TestNamespace::new("tls").await;
+    let (tokens, secrets): (Api<ApiToken>, Api<Secret>) = (ns.api(), ns.api());
+    // Given certificate files (as cert-manager would mount them).
+    let dir = std::env::temp_dir().join(format!("apitoken-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(ok.status.success());
+    for given in [false, true] {
+        let port = support::operator::free_port();
+        let mut op = Operator::start_on(&ns.name, "controller,verify", &support::cluster().kubeconfig, port);
+        op.kill();
+        op.args.retain(|a| a != "--plain-http");
+        if given {
+            op.args.extend(["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()]);
+        }
+        op.restart();
+        let base = format!("https://127.0.0.1:{port}");
+        apply(&tokens, "t", json!({"scopes": ["metrics:read"]})).await;
+        let t = issued_token(&tokens, &secrets, "t", None).await;
+        let trust: Vec<String> =
+            if given { vec!["--cacert".into(), cert.display().to_string()] } else { vec!["-k".into()] };
+        for (flag, version) in [("--http1.1", "1.1"), ("--http2", "2")] {
+            let out = wait_for("the TLS listener", T, || async {
+                let out = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", flag])
+                    .args(&trust)
+                    .args(["-X", "POST", &format!("{base}/v1/verify"), "-d", &json!({"token": t}).to_string()])
+                    .output()
+                    .ok()?;
+                let s = String::from_utf8_lossy(&out.stdout).into_owned();
+                s.starts_with("200").then_some(s)
+            })
+            .await;
+            assert_eq!(out, format!("200 {version}"), "given certificate: {given}");
+        }
+        // Plain HTTP to the TLS port is refused, not served.
+        let plain = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{port}/v1/auth")]).output().unwrap();
+        assert_ne!(String::from_utf8_lossy(&plain.stdout), "401");
+    }
+    ns.cleanup().await;
+}

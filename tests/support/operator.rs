@@ -34,7 +34,7 @@ pub async fn install_crds_with(client: kube::Client) {
 pub struct Operator {
     child: Option<Child>,
     pub log: PathBuf,
-    args: Vec<String>,
+    pub args: Vec<String>,
     kubeconfig: PathBuf,
     /// `http://127.0.0.1:<port>` of the verification service, when it runs.
     pub verify_url: Option<String>,
