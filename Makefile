@@ -2,11 +2,12 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down
+.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
 	@echo "make test   - every test tier (format, lint, unit, end-to-end against a local cluster)"
+	@echo "make bench  - verification endpoints vs a bare hyper server (ratios measured in one run)"
 	@echo "make crds   - regenerate crds/ from the Rust types"
 
 ## Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from pinned Go modules
@@ -39,3 +40,7 @@ demo: tools
 
 demo-down:
 	@hack/local-cluster down demo
+
+## Verification throughput and latency against a bare hyper baseline, and index memory per token.
+bench:
+	cargo bench --locked --bench verify

@@ -356,7 +356,17 @@ async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     let ok = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+        ])
         .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
         .args(["-keyout", key.to_str().unwrap(), "-out", cert.to_str().unwrap()])
         .output()
@@ -368,7 +378,12 @@ async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
         op.kill();
         op.args.retain(|a| a != "--plain-http");
         if given {
-            op.args.extend(["--tls-cert".into(), cert.display().to_string(), "--tls-key".into(), key.display().to_string()]);
+            op.args.extend([
+                "--tls-cert".into(),
+                cert.display().to_string(),
+                "--tls-key".into(),
+                key.display().to_string(),
+            ]);
         }
         op.restart();
         let base = format!("https://127.0.0.1:{port}");
@@ -381,7 +396,13 @@ async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
                 let out = Command::new("curl")
                     .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", flag])
                     .args(&trust)
-                    .args(["-X", "POST", &format!("{base}/v1/verify"), "-d", &json!({"token": t}).to_string()])
+                    .args([
+                        "-X",
+                        "POST",
+                        &format!("{base}/v1/verify"),
+                        "-d",
+                        &json!({"token": t}).to_string(),
+                    ])
                     .output()
                     .ok()?;
                 let s = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -391,7 +412,17 @@ async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
             assert_eq!(out, format!("200 {version}"), "given certificate: {given}");
         }
         // Plain HTTP to the TLS port is refused, not served.
-        let plain = Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{port}/v1/auth")]).output().unwrap();
+        let plain = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://127.0.0.1:{port}/v1/auth"),
+            ])
+            .output()
+            .unwrap();
         assert_ne!(String::from_utf8_lossy(&plain.stdout), "401");
     }
     ns.cleanup().await;
