@@ -3,8 +3,10 @@
 
 mod api_token;
 pub mod duration_rules;
+mod policy;
 
 pub use api_token::*;
+pub use policy::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -12,8 +14,7 @@ use kube::CustomResourceExt;
 /// Every CRD of this operator as one multi-document YAML stream (what `crds/` holds).
 pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     let mut out = String::new();
-    // ApiTokenPolicy joins this list with the policy issue.
-    let crds: Vec<CustomResourceDefinition> = vec![ApiToken::crd()];
+    let crds: Vec<CustomResourceDefinition> = vec![ApiToken::crd(), ApiTokenPolicy::crd()];
     for crd in &crds {
         out.push_str("---\n");
         out.push_str(&serde_yaml::to_string(crd)?);

@@ -16,6 +16,8 @@ pub struct Limits {
     pub allow_never: bool,
     pub max_grace_period: SignedDuration,
     pub prefix: Option<String>,
+    /// Who set these limits, for messages: "the defaults" or "ApiTokenPolicy a, b".
+    pub origin: String,
 }
 
 impl Default for Limits {
@@ -26,6 +28,7 @@ impl Default for Limits {
             allow_never: false,
             max_grace_period: SignedDuration::from_hours(24),
             prefix: None,
+            origin: "the defaults".into(),
         }
     }
 }
@@ -68,8 +71,7 @@ pub fn validate(spec: &SpecInput<'_>, limits: &Limits) -> Result<Desired, Vec<Vi
         Some(Ok(Lifetime::Never)) if !limits.allow_never => {
             bad(
                 "spec.lifetime",
-                "'never' is not allowed: no ApiTokenPolicy for this namespace sets lifetime.allowNever"
-                    .into(),
+                format!("'never' is not allowed by {}: it needs lifetime.allowNever: true", limits.origin),
             );
             Lifetime::Finite(limits.default_lifetime)
         }
@@ -77,9 +79,10 @@ pub fn validate(spec: &SpecInput<'_>, limits: &Limits) -> Result<Desired, Vec<Vi
             bad(
                 "spec.lifetime",
                 format!(
-                    "{} exceeds the maximum lifetime {}",
+                    "{} exceeds the maximum lifetime {} set by {}",
                     format_duration(d),
-                    format_duration(limits.max_lifetime)
+                    format_duration(limits.max_lifetime),
+                    limits.origin
                 ),
             );
             Lifetime::Finite(limits.max_lifetime)
@@ -118,9 +121,10 @@ pub fn validate(spec: &SpecInput<'_>, limits: &Limits) -> Result<Desired, Vec<Vi
             bad(
                 "spec.rotation.gracePeriod",
                 format!(
-                    "{} exceeds the maximum grace period {}",
+                    "{} exceeds the maximum grace period {} set by {}",
                     format_duration(d),
-                    format_duration(limits.max_grace_period)
+                    format_duration(limits.max_grace_period),
+                    limits.origin
                 ),
             );
             limits.max_grace_period

@@ -4,5 +4,6 @@
 pub mod desired;
 pub mod lifetime;
 pub mod plan;
+pub mod policy;
 pub mod scope;
 pub mod token;
