@@ -9,5 +9,6 @@ pub mod cli;
 pub mod controller;
 pub mod core;
 pub mod metrics;
+pub mod policy_view;
 pub mod run;
 pub mod verify;

@@ -29,9 +29,11 @@ use tracing::{debug, info, instrument, warn};
 pub use error::Error;
 
 use crate::api::{ApiToken, ApiTokenStatus, ROTATE_ANNOTATION};
-use crate::core::desired::{Limits, SpecInput, validate};
+use crate::core::desired::{Limits, SpecInput, Violation, validate};
 use crate::core::plan::{self, Action, Current, Desired, Minted};
+use crate::core::policy::{self, Ask};
 use crate::core::token::{self, Plaintext};
+use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
 
 /// Field manager for everything the operator writes.
 pub const MANAGER: &str = "apitoken-operator";
@@ -41,15 +43,16 @@ const MAX_STEPS: usize = 8;
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
+    pub policies: PolicyView,
 }
 
 impl Context {
-    pub fn new(client: Client) -> Self {
+    pub fn new(client: Client, policies: PolicyView) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
         };
-        Self { recorder: Recorder::new(client.clone(), reporter), client }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, policies }
     }
 }
 
@@ -66,11 +69,16 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let ctx = Arc::new(Context::new(client.clone()));
+    let (policies, drive_policies, policy_changes) = PolicyView::start(&client);
+    let drive_policies = tokio::spawn(drive_policies);
+    policies.ready().await;
+    let ctx = Arc::new(Context::new(client.clone(), policies));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone());
     let controller = Controller::new(tokens, watcher::Config::default().any_semantic())
         .owns(secrets, owned)
+        // A policy or namespace label change re-evaluates every token.
+        .reconcile_all_on(policy_changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -83,6 +91,7 @@ pub async fn run(
         () = controller => {},
         () = cleanup => {},
     }
+    drive_policies.abort();
     info!("controller stopped");
 }
 
@@ -146,19 +155,43 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
     let now = Timestamp::now();
     let current = status::to_current(&status);
 
-    // Validate.
-    let desired = match validate(&spec_input(obj), &Limits::default()) {
-        Ok(d) => d,
-        Err(violations) => {
-            let message = format!(
-                "the spec cannot be issued: {}",
-                violations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            );
-            let mut failed = current.clone();
-            failed.phase = plan::Phase::Failed;
-            fail(obj, ctx, &tokens, &status, None, &failed, "InvalidSpec", message).await?;
-            return Ok(Step::Done(None));
-        }
+    // Validate: the spec's own rules and every ApiTokenPolicy selecting the namespace.
+    let creator = obj.annotations().get(CREATED_BY_ANNOTATION).cloned();
+    let new_issuance = current.token_hash.is_none()
+        || matches!(current.phase, plan::Phase::Revoked | plan::Phase::Denied | plan::Phase::Expired);
+    let evaluation = ctx
+        .policies
+        .for_namespace(&ns, creator.as_deref(), Some(&obj.name_any()))
+        .map_err(|e| vec![Violation { field: "ApiTokenPolicy", message: e }])
+        .and_then(|(policies, counts)| {
+            let ask = Ask {
+                spec: spec_input(obj),
+                permission_sets: &obj.spec.permission_sets,
+                audiences: &obj.spec.audiences,
+                creator: creator.as_deref(),
+                counts_against_quota: new_issuance,
+            };
+            policy::evaluate(&ask, &policies, &counts)
+        });
+    let (desired, noncompliance) = match evaluation {
+        Ok(d) => (d, None),
+        Err(violations) => match validate(&spec_input(obj), &Limits::permissive()) {
+            Err(syntax) => {
+                let message = format!("the spec cannot be issued: {}", policy::describe(&syntax));
+                let mut failed = current.clone();
+                failed.phase = plan::Phase::Failed;
+                fail(obj, ctx, &tokens, &status, None, &failed, "InvalidSpec", message).await?;
+                return Ok(Step::Done(None));
+            }
+            // An issued token is not silently revoked when a policy tightens.
+            Ok(d) if !new_issuance && current.phase == plan::Phase::Active => {
+                (d, Some(policy::describe(&violations)))
+            }
+            Ok(_) => {
+                deny(obj, ctx, &tokens, &secrets, &status, &policy::describe(&violations)).await?;
+                return Ok(Step::Done(None));
+            }
+        },
     };
 
     // Observe the Secret: the one holding the token now, and the one the spec names.
@@ -205,6 +238,7 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         now,
         wanted_name,
         current_name,
+        noncompliance,
     };
     apply(obj, ctx, obs, action).await
 }
@@ -240,6 +274,8 @@ struct Observed {
     now: Timestamp,
     wanted_name: String,
     current_name: String,
+    /// Policy violations of an issued token (it keeps working until its next rotation).
+    noncompliance: Option<String>,
 }
 
 /// Carries out `action`: status first, then the Secret, then an Event.
@@ -257,10 +293,12 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         now,
         wanted_name,
         current_name,
+        noncompliance,
     } = o;
     match action {
         Action::Wait { until } => {
-            let new_status = build_status(obj, &status, &desired, &current, now, &wanted_name);
+            let new_status =
+                build_status(obj, &status, &desired, &current, now, &wanted_name, noncompliance.as_deref());
             if new_status != status {
                 write_status(&tokens, obj, new_status).await?;
             }
@@ -271,6 +309,11 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             }
             Ok(Step::Done(until))
         }
+        Action::Issue | Action::Rotate(_) | Action::Recover if noncompliance.is_some() => {
+            let message = noncompliance.unwrap_or_default();
+            deny(obj, ctx, &tokens, &secrets, &status, &message).await?;
+            Ok(Step::Done(None))
+        }
         Action::Issue | Action::Rotate(_) | Action::Recover => {
             let mut rng = rand::rngs::OsRng.unwrap_err();
             let minted = token::generate(&desired.prefix, &mut rng);
@@ -278,7 +321,8 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 Minted { hash: minted.hash.clone(), id: minted.id.clone(), display: minted.display.clone() };
             let next = plan::next_state(&action, &desired, &current, state, now, Some(m));
             // Status first: every verifier accepts the new hash before anyone can read the token.
-            let new_status = build_status(obj, &status, &desired, &next, now, &wanted_name);
+            let new_status =
+                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref());
             let updated = write_status(&tokens, obj, new_status).await?;
             write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await?;
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
@@ -304,7 +348,8 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::UpdateMetadata => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let new_status = build_status(obj, &status, &desired, &next, now, &wanted_name);
+            let new_status =
+                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref());
             let updated = if new_status == status {
                 obj.clone()
             } else {
@@ -328,9 +373,12 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated =
-                write_status(&tokens, obj, build_status(obj, &status, &desired, &next, now, &wanted_name))
-                    .await?;
+            let updated = write_status(
+                &tokens,
+                obj,
+                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
+            )
+            .await?;
             publish(
                 ctx,
                 obj,
@@ -343,9 +391,12 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::Expire | Action::Revoke => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated =
-                write_status(&tokens, obj, build_status(obj, &status, &desired, &next, now, &wanted_name))
-                    .await?;
+            let updated = write_status(
+                &tokens,
+                obj,
+                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
+            )
+            .await?;
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
@@ -374,9 +425,11 @@ fn build_status(
     next: &Current,
     now: Timestamp,
     secret_name: &str,
+    noncompliance: Option<&str>,
 ) -> ApiTokenStatus {
     let mut s = status::from_current(old, next);
-    let want = status::conditions(Some(d), next, now, None);
+    let want = status::conditions(Some(d), next, now, None, noncompliance);
+    s.created_by = obj.annotations().get(CREATED_BY_ANNOTATION).cloned();
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
     s.secret_name = Some(secret_name.to_string());
@@ -397,13 +450,38 @@ async fn fail(
 ) -> Result<(), Error> {
     let now = Timestamp::now();
     let mut s = status::from_current(old, state);
-    let want = status::conditions(d, state, now, Some((reason, message.clone())));
+    let want = status::conditions(d, state, now, Some((reason, message.clone())), None);
+    s.created_by = obj.annotations().get(CREATED_BY_ANNOTATION).cloned();
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
     if s != *old {
         write_status(tokens, obj, s).await?;
         warn!(reason, message, "cannot issue");
         publish(ctx, obj, EventType::Warning, reason, message).await;
+    }
+    Ok(())
+}
+
+/// Refuses the token: phase Denied, no token, its Secret removed, the violations in the
+/// conditions and an Event.
+async fn deny(
+    obj: &ApiToken,
+    ctx: &Context,
+    tokens: &Api<ApiToken>,
+    secrets: &Api<Secret>,
+    old: &ApiTokenStatus,
+    violations: &str,
+) -> Result<(), Error> {
+    let denied =
+        Current { phase: plan::Phase::Denied, rotation_count: old.rotation_count, ..Current::default() };
+    let message = format!("refused by policy: {violations}");
+    fail(obj, ctx, tokens, old, None, &denied, "PolicyViolation", message).await?;
+    for name in [old.secret_name.clone(), Some(secret::desired_name(obj))].into_iter().flatten() {
+        if let Some(s) = secrets.get_opt(&name).await?
+            && secret::owned_by(&s, obj)
+        {
+            delete_secret(secrets, &name).await?;
+        }
     }
     Ok(())
 }

@@ -86,7 +86,9 @@ pub fn conditions(
     c: &Current,
     now: Timestamp,
     failure: Option<(&'static str, String)>,
+    noncompliance: Option<&str>,
 ) -> Vec<Want> {
+    let denied = failure.as_ref().filter(|(reason, _)| *reason == "PolicyViolation").map(|(_, m)| m.clone());
     let display = c.display.as_deref().unwrap_or("the token");
     let expires = c.expires_at.map_or_else(|| "never expires".to_string(), |e| format!("expires at {e}"));
     let ready = match (failure, c.phase) {
@@ -129,11 +131,22 @@ pub fn conditions(
     } else {
         Want { type_: "Issued", ok: false, reason: "NotIssued", message: "no valid token is issued".into() }
     };
-    let compliant = Want {
-        type_: "PolicyCompliant",
-        ok: true,
-        reason: "Compliant",
-        message: "within the default limits (lifetime at most 365d, no 'never')".into(),
+    let compliant = match (denied, noncompliance) {
+        (Some(m), _) => Want { type_: "PolicyCompliant", ok: false, reason: "PolicyViolation", message: m },
+        (None, Some(m)) => Want {
+            type_: "PolicyCompliant",
+            ok: false,
+            reason: "PolicyViolation",
+            message: format!(
+                "{m}. The current token stays valid until it expires; its next rotation is refused unless the ApiToken complies"
+            ),
+        },
+        (None, None) => Want {
+            type_: "PolicyCompliant",
+            ok: true,
+            reason: "Compliant",
+            message: "satisfies every ApiTokenPolicy selecting this namespace (or the defaults)".into(),
+        },
     };
     let expiring_at = d.zip(c.expires_at).and_then(|(d, e)| plan::expiring_from(d, e));
     let rotation_off = d.is_some_and(|d| !d.rotation_enabled && d.lifetime != Lifetime::Never);

@@ -20,7 +20,7 @@ pub async fn install_crds() {
 /// Installs the CRDs through `client` and waits until they are Established.
 pub async fn install_crds_with(client: kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client);
-    for crd in [apitoken_operator::api::ApiToken::crd()] {
+    for crd in [apitoken_operator::api::ApiToken::crd(), apitoken_operator::api::ApiTokenPolicy::crd()] {
         let name = crd.metadata.name.clone().unwrap();
         crds.patch(&name, &PatchParams::apply("apitoken-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
         wait_for("CRD Established", std::time::Duration::from_secs(30), || async {

@@ -1,0 +1,200 @@
+//! What policy evaluation needs from the cluster, kept current by watches: the ApiTokenPolicies,
+//! namespace labels, and a census of active tokens per namespace and creator (for quotas).
+//! Shared by the reconciler and the admission webhook; requests read it, never the API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::core::{PartialObjectMeta, Selector, SelectorExt};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tracing::warn;
+
+use crate::api::{ApiToken, ApiTokenPolicy, Phase};
+use crate::core::policy::{Counts, Policy, PolicyInput};
+
+/// Annotation the mutating webhook sets to the requesting user on create.
+pub const CREATED_BY_ANNOTATION: &str = "apitoken.dev/created-by";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CensusEntry {
+    creator: Option<String>,
+    active: bool,
+}
+
+/// Does this token count against quotas? Everything not revoked, expired or refused.
+pub fn is_active(at: &ApiToken) -> bool {
+    let phase = at.status.as_ref().and_then(|s| s.phase);
+    !at.spec.revoked
+        && !matches!(phase, Some(Phase::Expired | Phase::Revoked | Phase::Denied | Phase::Failed))
+}
+
+#[derive(Clone)]
+pub struct PolicyView {
+    policies: Store<ApiTokenPolicy>,
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    census: Arc<RwLock<HashMap<(String, String), CensusEntry>>>,
+}
+
+impl PolicyView {
+    /// Starts the watches (driven by the returned future, which runs forever) and returns the
+    /// view plus a stream that yields whenever a policy or namespace label changes.
+    pub fn start(
+        client: &Client,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static, impl Stream<Item = ()> + Send + 'static) {
+        let (policies, pw) = reflector::store();
+        let (namespaces, nw) = reflector::store();
+        let census = Arc::new(RwLock::new(HashMap::new()));
+        let (tx, rx) = tokio::sync::mpsc::channel::<()>(16);
+        let policy_events = reflector::reflector(
+            pw,
+            watcher(Api::<ApiTokenPolicy>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        let ns_events = reflector::reflector(
+            nw,
+            watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .touched_objects();
+        let tokens =
+            watcher(Api::<ApiToken>::all(client.clone()), watcher::Config::default()).default_backoff();
+        let sink = census.clone();
+        let tx2 = tx.clone();
+        let drive = async move {
+            let policies = policy_events.for_each(|e| {
+                if let Err(e) = e {
+                    warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
+                }
+                let _ = tx.try_send(());
+                async {}
+            });
+            let namespaces = ns_events.for_each(|e| {
+                if e.is_ok() {
+                    let _ = tx2.try_send(());
+                }
+                async {}
+            });
+            let census_task = tokens.for_each(move |e| {
+                apply_census(&sink, e);
+                async {}
+            });
+            tokio::join!(policies, namespaces, census_task);
+        };
+        let changes = tokio_stream_from(rx);
+        (Self { policies, namespaces, census }, drive, changes)
+    }
+
+    /// Waits until the first lists are in (or says why not after a while, and keeps going:
+    /// the watches keep retrying, e.g. until the ApiTokenPolicy CRD is installed).
+    pub async fn ready(&self) {
+        let both = async {
+            let _ = self.policies.wait_until_ready().await;
+            let _ = self.namespaces.wait_until_ready().await;
+        };
+        if tokio::time::timeout(std::time::Duration::from_secs(30), both).await.is_err() {
+            warn!(
+                "ApiTokenPolicies or namespaces could not be listed within 30s (is the ApiTokenPolicy CRD installed, may the operator list namespaces?); continuing with what is known"
+            );
+        }
+    }
+
+    fn ns_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        self.namespaces
+            .state()
+            .into_iter()
+            .find(|n| n.name_any() == ns)
+            .map(|n| n.labels().clone())
+            .unwrap_or_default()
+    }
+
+    fn selects(p: &ApiTokenPolicy, labels: &BTreeMap<String, String>) -> bool {
+        match &p.spec.namespace_selector {
+            None => true,
+            Some(sel) => Selector::try_from(sel.clone()).is_ok_and(|s| s.matches(labels)),
+        }
+    }
+
+    /// The parsed policies selecting `namespace`, in name order, and the quota counts for each
+    /// (excluding the token `exclude`). A policy that cannot be parsed is an error for every
+    /// token it selects: nothing is issued against a policy nobody can read.
+    pub fn for_namespace(
+        &self,
+        namespace: &str,
+        creator: Option<&str>,
+        exclude: Option<&str>,
+    ) -> Result<(Vec<Policy>, Vec<Counts>), String> {
+        let labels = self.ns_labels(namespace);
+        let mut selecting: Vec<Arc<ApiTokenPolicy>> =
+            self.policies.state().into_iter().filter(|p| Self::selects(p, &labels)).collect();
+        selecting.sort_by_key(|p| p.name_any());
+        let census = self.census.read().expect("census lock");
+        let mut policies = Vec::with_capacity(selecting.len());
+        let mut counts = Vec::with_capacity(selecting.len());
+        for p in &selecting {
+            let name = p.name_any();
+            let s = &p.spec;
+            policies.push(Policy::parse(&PolicyInput {
+                name: &name,
+                allowed_scopes: s.allowed_scopes.as_deref(),
+                permission_sets: &s.permission_sets,
+                default_lifetime: s.lifetime.default.as_deref(),
+                max_lifetime: s.lifetime.max.as_deref(),
+                allow_never: s.lifetime.allow_never,
+                per_namespace: s.max_active_tokens.per_namespace,
+                per_creator: s.max_active_tokens.per_creator,
+                max_grace_period: s.rotation.max_grace_period.as_deref(),
+                prefix: s.prefix.as_deref(),
+                require_audiences: s.require_audiences,
+            })?);
+            let mut c = Counts::default();
+            for ((ns, name), e) in census.iter() {
+                if !e.active || (ns == namespace && Some(name.as_str()) == exclude) {
+                    continue;
+                }
+                if ns == namespace {
+                    c.in_namespace += 1;
+                }
+                if creator.is_some()
+                    && e.creator.as_deref() == creator
+                    && Self::selects(p, &self.ns_labels(ns))
+                {
+                    c.by_creator += 1;
+                }
+            }
+            counts.push(c);
+        }
+        Ok((policies, counts))
+    }
+}
+
+fn apply_census(
+    census: &RwLock<HashMap<(String, String), CensusEntry>>,
+    event: Result<watcher::Event<ApiToken>, watcher::Error>,
+) {
+    let entry = |at: &ApiToken| CensusEntry {
+        creator: at.annotations().get(CREATED_BY_ANNOTATION).cloned(),
+        active: is_active(at),
+    };
+    let key = |at: &ApiToken| (at.namespace().unwrap_or_default(), at.name_any());
+    let mut c = census.write().expect("census lock");
+    match event {
+        Ok(watcher::Event::Init) => c.clear(),
+        Ok(watcher::Event::InitApply(at) | watcher::Event::Apply(at)) => {
+            c.insert(key(&at), entry(&at));
+        }
+        Ok(watcher::Event::Delete(at)) => {
+            c.remove(&key(&at));
+        }
+        Ok(watcher::Event::InitDone) => {}
+        Err(e) => warn!(error = %e, "ApiToken census watch failed; retrying"),
+    }
+}
+
+fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl Stream<Item = ()> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
