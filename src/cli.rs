@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the controller, the verification service and the admission webhooks.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print every CustomResourceDefinition as YAML (what `crds/` holds).
     Crd,
     /// Print the version.
@@ -96,9 +96,42 @@ pub struct RunArgs {
     #[arg(long, env = "APITOKEN_FAILURES_BURST", default_value_t = 20)]
     pub failures_burst: u32,
 
+    /// Namespace the operator runs in (its webhook certificate Secret and Lease live there).
+    #[arg(long, env = "APITOKEN_OPERATOR_NAMESPACE", default_value = "apitoken-system")]
+    pub operator_namespace: String,
+
+    /// Name of the Validating/MutatingWebhookConfigurations whose caBundle the operator manages.
+    #[arg(long, env = "APITOKEN_WEBHOOK_CONFIG_NAME", default_value = "apitoken-operator")]
+    pub webhook_config_name: String,
+
+    /// Secret holding the self-managed webhook CA and serving certificate.
+    #[arg(long, env = "APITOKEN_WEBHOOK_SECRET", default_value = "apitoken-operator-webhook-tls")]
+    pub webhook_secret: String,
+
+    /// Service name the API server reaches the webhook through (for the certificate's names).
+    #[arg(long, env = "APITOKEN_SERVICE_NAME", default_value = "apitoken-operator")]
+    pub service_name: String,
+
+    /// Validity of the self-managed serving certificate; it is renewed with a third left.
+    #[arg(long, env = "APITOKEN_WEBHOOK_CERT_VALIDITY", default_value = "365d", value_parser = parse_validity)]
+    pub webhook_cert_validity: jiff::SignedDuration,
+
+    /// The operator's own username (default: asked from the API server). Only it may change
+    /// the `apitoken.dev/created-by` annotation.
+    #[arg(long, env = "APITOKEN_OPERATOR_USERNAME")]
+    pub operator_username: Option<String>,
+
     /// Log format.
     #[arg(long, env = "APITOKEN_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+}
+
+fn parse_validity(s: &str) -> Result<jiff::SignedDuration, String> {
+    let d = crate::core::lifetime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < jiff::SignedDuration::from_secs(30) {
+        return Err("must be at least 30s".into());
+    }
+    Ok(d)
 }
 
 impl RunArgs {

@@ -4,6 +4,7 @@
 //! Layout: `api` holds the custom resource types; `cli` the command line; pure logic has no
 //! kube client and no clock or RNG reads of its own.
 
+pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod controller;

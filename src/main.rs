@@ -20,6 +20,6 @@ fn main() -> ExitCode {
             println!("apitoken-operator {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Run(args) => apitoken_operator::run::main(args),
+        Command::Run(args) => apitoken_operator::run::main(*args),
     }
 }

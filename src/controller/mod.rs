@@ -60,6 +60,8 @@ impl Context {
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    policies: PolicyView,
+    policy_changes: impl futures::Stream<Item = ()> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
@@ -69,9 +71,6 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let (policies, drive_policies, policy_changes) = PolicyView::start(&client);
-    let drive_policies = tokio::spawn(drive_policies);
-    policies.ready().await;
     let ctx = Arc::new(Context::new(client.clone(), policies));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone());
@@ -91,7 +90,6 @@ pub async fn run(
         () = controller => {},
         () = cleanup => {},
     }
-    drive_policies.abort();
     info!("controller stopped");
 }
 

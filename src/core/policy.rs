@@ -155,19 +155,15 @@ pub fn evaluate(ask: &Ask<'_>, policies: &[Policy], counts: &[Counts]) -> Result
         }
     };
     // Permission sets expand into scopes; each must be defined by some selecting policy.
-    let mut scopes: Vec<String> = ask.spec.scopes.to_vec();
     for set in ask.permission_sets {
-        let defined: Vec<&Vec<String>> = policies.iter().filter_map(|p| p.permission_sets.get(set)).collect();
-        if defined.is_empty() {
+        if !policies.iter().any(|p| p.permission_sets.contains_key(set)) {
             v.push(Violation {
                 field: "spec.permissionSets",
                 message: format!("'{set}' is not defined by any ApiTokenPolicy for this namespace"),
             });
         }
-        for s in defined.into_iter().flatten() {
-            scopes.push(s.clone());
-        }
     }
+    let scopes = effective_scopes(ask.spec.scopes, ask.permission_sets, policies);
     if let Some(p) = policies.iter().find(|p| p.prefix.is_some())
         && let (Some(asked), Some(required)) = (ask.spec.prefix, p.prefix.as_deref())
         && asked != required
@@ -239,6 +235,22 @@ pub fn evaluate(ask: &Ask<'_>, policies: &[Policy], counts: &[Counts]) -> Result
         Some(d) if v.is_empty() => Ok(d),
         _ => Err(v),
     }
+}
+
+/// The token's scopes plus those of its permission sets (as the selecting policies define them),
+/// sorted, without duplicates.
+pub fn effective_scopes(scopes: &[String], sets: &[String], policies: &[Policy]) -> Vec<String> {
+    let mut out: Vec<String> = scopes.to_vec();
+    for set in sets {
+        for p in policies {
+            if let Some(s) = p.permission_sets.get(set) {
+                out.extend(s.iter().cloned());
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// One sentence listing every violation (what `kubectl apply` prints and the condition says).

@@ -5,9 +5,12 @@ use std::process::ExitCode;
 
 use tracing::{error, info, warn};
 
+use crate::admission::certs::{self, CertSettings};
+use crate::admission::{self, AdmissionState};
 use crate::cli::{Component, LogFormat, RunArgs};
 use crate::controller;
 use crate::metrics::Metrics;
+use crate::policy_view::PolicyView;
 use crate::verify::{self, http::AppState, index::Index, limiter::FailureLimiter};
 use anyhow::Context as _;
 use std::sync::Arc;
@@ -42,15 +45,13 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+#[allow(clippy::too_many_lines)] // the wiring of every component, in start-up order
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.runs(Component::Controller) && args.leader_election() {
         anyhow::bail!(
             "leader election is not available in this version yet: run a single controller replica \
              with --no-leader-election (or APITOKEN_LEADER_ELECTION=false)"
         );
-    }
-    if args.runs(Component::Admission) {
-        warn!("the admission component is not available in this version yet; not started");
     }
     let client = kube::Client::try_default()
         .await
@@ -70,8 +71,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut graceful = tokio::task::JoinSet::new();
     let mut background = tokio::task::JoinSet::new();
     let metrics = Arc::new(Metrics::default());
+    let (controller, verify_on, admission_on) =
+        (args.runs(Component::Controller), args.runs(Component::Verify), args.runs(Component::Admission));
 
-    let index = args.runs(Component::Verify).then(Index::default);
+    // Policies, namespaces and the token census: shared by the controller and admission.
+    let mut policy_changes = None;
+    let policies = if controller || admission_on {
+        let (view, drive, changes) = PolicyView::start(&client);
+        background.spawn(drive);
+        view.ready().await;
+        policy_changes = Some(changes);
+        Some(view)
+    } else {
+        None
+    };
+
+    let mut app = axum::Router::new();
+    let index = verify_on.then(Index::default);
     if let Some(index) = &index {
         background.spawn(verify::index::run_watch(client.clone(), args.namespace.clone(), index.clone()));
         let limiter = Arc::new(FailureLimiter::new(args.failures_per_second, args.failures_burst));
@@ -83,24 +99,31 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 sweeper.sweep();
             }
         });
-        let state = AppState {
+        app = app.merge(verify::http::router(AppState {
             index: index.clone(),
             metrics: metrics.clone(),
             limiter,
             last_used: verify::last_used::start(client.clone()),
+        }));
+    }
+    if admission_on && let Some(view) = &policies {
+        let operator_user = match &args.operator_username {
+            Some(u) => Some(u.clone()),
+            None => own_username(&client).await,
         };
+        info!(operator_user = ?operator_user, "admission webhooks enabled");
+        app = app.merge(admission::router(AdmissionState {
+            client: client.clone(),
+            policies: view.clone(),
+            operator_user,
+        }));
+    }
+    if verify_on || admission_on {
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding --listen {}", args.listen))?;
-        let tls = if args.plain_http {
-            warn!("--plain-http: verification is served without TLS; use only on loopback or in tests");
-            None
-        } else {
-            let files = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
-            Some(verify::tls::server_config(files)?)
-        };
-        info!(addr = %listener.local_addr()?, "verification listening");
-        let app = verify::http::router(state);
+        let tls = serving_tls(&args, &client, admission_on, &mut background).await?;
+        info!(addr = %listener.local_addr()?, tls = tls.is_some(), "verification and admission listening");
         let stop = stopped();
         graceful.spawn(async move {
             if let Err(e) = verify::serve(listener, app, tls, stop).await {
@@ -121,8 +144,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    if args.runs(Component::Controller) {
-        graceful.spawn(controller::run(client, args.namespace.clone(), stopped()));
+    if controller && let (Some(view), Some(changes)) = (policies, policy_changes) {
+        graceful.spawn(controller::run(client, args.namespace.clone(), view, changes, stopped()));
     }
     shutdown_signal().await;
     info!("shutting down");
@@ -133,6 +156,63 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .await;
     background.abort_all();
     Ok(())
+}
+
+/// TLS for `--listen`: none with `--plain-http`; the given files; the self-managed webhook
+/// certificate (kept current in the background) when admission runs; else a self-signed one.
+async fn serving_tls(
+    args: &RunArgs,
+    client: &kube::Client,
+    admission_on: bool,
+    background: &mut tokio::task::JoinSet<()>,
+) -> anyhow::Result<Option<Arc<tokio_rustls::rustls::ServerConfig>>> {
+    if args.plain_http {
+        warn!("--plain-http: --listen is served without TLS; use only on loopback or in tests");
+        return Ok(None);
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        return Ok(Some(verify::tls::server_config(Some((cert, key)))?));
+    }
+    if !admission_on {
+        return Ok(Some(verify::tls::server_config(None)?));
+    }
+    let ns = &args.operator_namespace;
+    let svc = &args.service_name;
+    let settings = CertSettings {
+        namespace: ns.clone(),
+        secret_name: args.webhook_secret.clone(),
+        dns_names: vec![
+            svc.clone(),
+            format!("{svc}.{ns}"),
+            format!("{svc}.{ns}.svc"),
+            format!("{svc}.{ns}.svc.cluster.local"),
+            "localhost".into(),
+        ],
+        validity: args.webhook_cert_validity,
+        webhook_config: args.webhook_config_name.clone(),
+    };
+    let material = certs::ensure(client, &settings, jiff::Timestamp::now())
+        .await
+        .context("setting up the self-managed webhook certificate (or pass --tls-cert/--tls-key)")?;
+    if let Err(e) = certs::inject_ca_bundle(client, &settings, &material.ca_crt).await {
+        warn!(error = %e, "injecting the webhook caBundle failed; retrying in the background");
+    }
+    let serving = certs::SwappableCert::new(&material)?;
+    background.spawn(certs::keep_current(client.clone(), settings, serving.clone(), material));
+    Ok(Some(verify::tls::server_config_with_resolver(serving)?))
+}
+
+/// Who the API server says we are.
+async fn own_username(client: &kube::Client) -> Option<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let api: kube::Api<SelfSubjectReview> = kube::Api::all(client.clone());
+    match api.create(&kube::api::PostParams::default(), &SelfSubjectReview::default()).await {
+        Ok(r) => r.status.and_then(|s| s.user_info).and_then(|u| u.username),
+        Err(e) => {
+            warn!(error = %e, "cannot ask the API server who the operator is; nobody may change apitoken.dev/created-by");
+            None
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

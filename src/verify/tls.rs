@@ -9,6 +9,20 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+/// A server configuration whose certificate comes from `resolver` (swappable at run time).
+pub fn server_config_with_resolver(
+    resolver: Arc<dyn tokio_rustls::rustls::server::ResolvesServerCert>,
+) -> anyhow::Result<Arc<ServerConfig>> {
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 pub fn server_config(files: Option<(&Path, &Path)>) -> anyhow::Result<Arc<ServerConfig>> {
     let (certs, key) = match files {
         Some((cert, key)) => {
