@@ -135,7 +135,7 @@ impl Setup {
             .delete(&self.id, &DeleteParams::default())
             .await;
         let policies: Api<ApiTokenPolicy> = Api::all(self.admin.clone());
-        for p in policies.list(&Default::default()).await.unwrap() {
+        for p in policies.list(&kube::api::ListParams::default()).await.unwrap() {
             if p.metadata.name.as_deref().is_some_and(|n| n.starts_with(&self.id)) {
                 let _ = policies.delete(p.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await;
             }
