@@ -37,18 +37,17 @@ pub struct PolicyView {
     policies: Store<ApiTokenPolicy>,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     census: Arc<RwLock<HashMap<(String, String), CensusEntry>>>,
+    changed: tokio::sync::broadcast::Sender<()>,
 }
 
 impl PolicyView {
-    /// Starts the watches (driven by the returned future, which runs forever) and returns the
-    /// view plus a stream that yields whenever a policy or namespace label changes.
-    pub fn start(
-        client: &Client,
-    ) -> (Self, impl Future<Output = ()> + Send + 'static, impl Stream<Item = ()> + Send + 'static) {
+    /// Starts the watches (driven by the returned future, which runs forever).
+    pub fn start(client: &Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (policies, pw) = reflector::store();
         let (namespaces, nw) = reflector::store();
         let census = Arc::new(RwLock::new(HashMap::new()));
-        let (tx, rx) = tokio::sync::mpsc::channel::<()>(16);
+        let (tx, _) = tokio::sync::broadcast::channel::<()>(16);
+        let changed = tx.clone();
         let policy_events = reflector::reflector(
             pw,
             watcher(Api::<ApiTokenPolicy>::all(client.clone()), watcher::Config::default()),
@@ -70,12 +69,12 @@ impl PolicyView {
                 if let Err(e) = e {
                     warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
                 }
-                let _ = tx.try_send(());
+                let _ = tx.send(());
                 async {}
             });
             let namespaces = ns_events.for_each(|e| {
                 if e.is_ok() {
-                    let _ = tx2.try_send(());
+                    let _ = tx2.send(());
                 }
                 async {}
             });
@@ -85,8 +84,17 @@ impl PolicyView {
             });
             tokio::join!(policies, namespaces, census_task);
         };
-        let changes = tokio_stream_from(rx);
-        (Self { policies, namespaces, census }, drive, changes)
+        (Self { policies, namespaces, census, changed }, drive)
+    }
+
+    /// Yields whenever a policy or a namespace's labels change (for re-evaluating tokens).
+    pub fn changes(&self) -> impl Stream<Item = ()> + Send + 'static {
+        futures::stream::unfold(self.changed.subscribe(), |mut rx| async move {
+            match rx.recv().await {
+                Ok(()) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Some(((), rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => None,
+            }
+        })
     }
 
     /// Waits until the first lists are in (or says why not after a while, and keeps going:
@@ -193,8 +201,4 @@ fn apply_census(
         Ok(watcher::Event::InitDone) => {}
         Err(e) => warn!(error = %e, "ApiToken census watch failed; retrying"),
     }
-}
-
-fn tokio_stream_from(mut rx: tokio::sync::mpsc::Receiver<()>) -> impl Stream<Item = ()> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -61,7 +61,6 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     policies: PolicyView,
-    policy_changes: impl futures::Stream<Item = ()> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
@@ -71,13 +70,13 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let ctx = Arc::new(Context::new(client.clone(), policies));
+    let ctx = Arc::new(Context::new(client.clone(), policies.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone());
     let controller = Controller::new(tokens, watcher::Config::default().any_semantic())
         .owns(secrets, owned)
         // A policy or namespace label change re-evaluates every token.
-        .reconcile_all_on(policy_changes)
+        .reconcile_all_on(policies.changes())
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {

@@ -9,6 +9,7 @@ use crate::admission::certs::{self, CertSettings};
 use crate::admission::{self, AdmissionState};
 use crate::cli::{Component, LogFormat, RunArgs};
 use crate::controller;
+use crate::leader;
 use crate::metrics::Metrics;
 use crate::policy_view::PolicyView;
 use crate::verify::{self, http::AppState, index::Index, limiter::FailureLimiter};
@@ -47,12 +48,6 @@ fn init_logging(format: LogFormat) {
 
 #[allow(clippy::too_many_lines)] // the wiring of every component, in start-up order
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    if args.runs(Component::Controller) && args.leader_election() {
-        anyhow::bail!(
-            "leader election is not available in this version yet: run a single controller replica \
-             with --no-leader-election (or APITOKEN_LEADER_ELECTION=false)"
-        );
-    }
     let client = kube::Client::try_default()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API failed (is KUBECONFIG set?): {e}"))?;
@@ -75,12 +70,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (args.runs(Component::Controller), args.runs(Component::Verify), args.runs(Component::Admission));
 
     // Policies, namespaces and the token census: shared by the controller and admission.
-    let mut policy_changes = None;
     let policies = if controller || admission_on {
-        let (view, drive, changes) = PolicyView::start(&client);
+        let (view, drive) = PolicyView::start(&client);
         background.spawn(drive);
         view.ready().await;
-        policy_changes = Some(changes);
         Some(view)
     } else {
         None
@@ -144,8 +137,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    if controller && let (Some(view), Some(changes)) = (policies, policy_changes) {
-        graceful.spawn(controller::run(client, args.namespace.clone(), view, changes, stopped()));
+    if controller && let Some(view) = policies {
+        let namespace = args.namespace.clone();
+        if args.leader_election() {
+            let settings = leader::Settings::new(&args.operator_namespace, identity());
+            info!(
+                identity = settings.identity,
+                lease = format!("{}/{}", settings.namespace, settings.name),
+                "leader election on"
+            );
+            let stop = stop_tx.subscribe();
+            let for_work = client.clone();
+            graceful.spawn(leader::run(client, settings, stop, move |until| {
+                controller::run(for_work.clone(), namespace.clone(), view.clone(), until)
+            }));
+        } else {
+            graceful.spawn(controller::run(client, namespace, view, stopped()));
+        }
     }
     shutdown_signal().await;
     info!("shutting down");
@@ -200,6 +208,15 @@ async fn serving_tls(
     let serving = certs::SwappableCert::new(&material)?;
     background.spawn(certs::keep_current(client.clone(), settings, serving.clone(), material));
     Ok(Some(verify::tls::server_config_with_resolver(serving)?))
+}
+
+/// This replica's name in the Lease: the pod name, else host name, plus a random suffix so two
+/// processes on one host never share an identity.
+fn identity() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "apitoken-operator".into());
+    format!("{host}-{:08x}", rand::random::<u32>())
 }
 
 /// Who the API server says we are.

@@ -80,7 +80,10 @@ impl Operator {
     pub fn start_on(namespace: &str, components: &str, kubeconfig: &std::path::Path, listen: u16) -> Self {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
-        let log = dir.join(format!("{namespace}.log"));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.join(format!("{namespace}-{n}.log"));
+        let _ = std::fs::remove_file(&log);
         let metrics = free_port();
         let args = vec![
             "run".into(),
@@ -128,6 +131,14 @@ impl Operator {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: a clean shutdown.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
             let _ = c.wait();
         }
     }
