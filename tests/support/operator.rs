@@ -31,6 +31,9 @@ pub async fn install_crds_with(client: kube::Client) {
     }
 }
 
+/// Distinguishes the logs of several operators in one namespace.
+static LOG_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 pub struct Operator {
     child: Option<Child>,
     pub log: PathBuf,
@@ -80,8 +83,7 @@ impl Operator {
     pub fn start_on(namespace: &str, components: &str, kubeconfig: &std::path::Path, listen: u16) -> Self {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = dir.join(format!("{namespace}-{n}.log"));
         let _ = std::fs::remove_file(&log);
         let metrics = free_port();
