@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench
+.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench chart-snapshot
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
@@ -34,6 +34,13 @@ test: tools fmt-check clippy unit e2e
 
 crds:
 	cargo run --quiet -- crd > crds/apitoken.dev.yaml
+	cp crds/apitoken.dev.yaml charts/apitoken-operator/crds/apitoken.dev.yaml
+
+## Re-record the chart's default rendering after an intended change.
+chart-snapshot: tools
+	mkdir -p tests/snapshots
+	$$(hack/build-control-plane --print)/helm template apitoken-operator charts/apitoken-operator \
+	  --namespace apitoken-system --kube-version 1.35.4 --include-crds > tests/snapshots/chart-default.yaml
 
 demo: tools
 	@hack/demo
