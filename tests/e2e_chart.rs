@@ -108,3 +108,26 @@ fn the_chart_ships_the_crds_of_crds_dir() {
     let chart = std::fs::read_to_string(repo_root().join(CHART).join("crds/apitoken.dev.yaml")).unwrap();
     assert!(ours == chart, "charts/apitoken-operator/crds is stale: run `make crds`");
 }
+
+#[test]
+fn the_examples_pass_a_server_side_dry_run() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(support::operator::install_crds());
+    let ns = rt.block_on(TestNamespace::new("examples"));
+    // Namespaces the examples name.
+    let _ = support::kubectl().args(["create", "namespace", "monitoring"]).output();
+    for (file, namespace) in [
+        ("examples/quickstart.yaml", "default"),
+        ("examples/collector/deployment.yaml", "monitoring"),
+        ("examples/policies/policies.yaml", "default"),
+        ("examples/gitops/token.yaml", ns.name.as_str()),
+    ] {
+        let out = support::kubectl()
+            .args(["apply", "--dry-run=server", "-n", namespace, "-f"])
+            .arg(repo_root().join(file))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    rt.block_on(ns.cleanup());
+}
