@@ -16,10 +16,9 @@ use support::{TestNamespace, wait_for};
 const T: Duration = Duration::from_secs(30);
 
 fn elected(ns: &str) -> Operator {
-    let mut op = Operator::start_with(ns, "controller", &support::cluster().kubeconfig);
+    let mut op = Operator::start_as_chart(ns, "controller", support::operator::free_port());
     op.kill();
     op.args.retain(|a| a != "--no-leader-election");
-    op.args.extend(["--operator-namespace".into(), ns.into()]);
     op.restart();
     op
 }

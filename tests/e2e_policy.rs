@@ -15,7 +15,7 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use support::operator::{Operator, free_port, install_crds};
+use support::operator::{Operator, chart_fullname, free_port, install_crds};
 use support::{TestNamespace, admin_client, client_as, wait_for};
 
 const T: Duration = Duration::from_secs(30);
@@ -39,15 +39,14 @@ async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
         .patch(&id, &PatchParams::default(), &Patch::Merge(&label))
         .await
         .unwrap();
-    let op_ns: Namespace = serde_json::from_value(json!({"metadata": {"name": format!("{id}-op")}})).unwrap();
-    Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &op_ns).await.unwrap();
 
     let port = free_port();
+    let webhook_name = chart_fullname(&id);
     for (kind, path) in [("Validating", "validate"), ("Mutating", "mutate")] {
         let config = json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": format!("{kind}WebhookConfiguration"),
-            "metadata": {"name": id},
+            "metadata": {"name": webhook_name},
             "webhooks": [{
                 "name": format!("{path}.apitoken.dev"),
                 "clientConfig": {"url": format!("https://127.0.0.1:{port}/admission/{path}")},
@@ -70,21 +69,16 @@ async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
                 .unwrap();
         }
     }
-    let mut op = Operator::start_on(&id, "controller,verify,admission", &support::cluster().kubeconfig, port);
+    // The operator runs as the chart's ServiceAccount, with the names the chart gives it.
+    let mut op = Operator::start_as_chart(&id, "controller,verify,admission", port);
     op.kill();
     op.args.retain(|a| a != "--plain-http");
-    op.args.extend([
-        "--operator-namespace".into(),
-        format!("{id}-op"),
-        "--webhook-config-name".into(),
-        id.clone(),
-    ]);
     op.args.extend(extra_args.iter().map(ToString::to_string));
     op.restart();
     // Ready once the operator has injected its CA into both configurations.
     wait_for("caBundle injected", T, || async {
-        let v = Api::<ValidatingWebhookConfiguration>::all(admin.clone()).get(&id).await.ok()?;
-        let m = Api::<MutatingWebhookConfiguration>::all(admin.clone()).get(&id).await.ok()?;
+        let v = Api::<ValidatingWebhookConfiguration>::all(admin.clone()).get(&webhook_name).await.ok()?;
+        let m = Api::<MutatingWebhookConfiguration>::all(admin.clone()).get(&webhook_name).await.ok()?;
         let has = |b: Option<&k8s_openapi::ByteString>| b.is_some_and(|b| !b.0.is_empty());
         (has(v.webhooks?[0].client_config.ca_bundle.as_ref())
             && has(m.webhooks?[0].client_config.ca_bundle.as_ref()))
@@ -129,10 +123,10 @@ impl Setup {
 
     async fn cleanup(self) {
         let _ = Api::<ValidatingWebhookConfiguration>::all(self.admin.clone())
-            .delete(&self.id, &DeleteParams::default())
+            .delete(&chart_fullname(&self.id), &DeleteParams::default())
             .await;
         let _ = Api::<MutatingWebhookConfiguration>::all(self.admin.clone())
-            .delete(&self.id, &DeleteParams::default())
+            .delete(&chart_fullname(&self.id), &DeleteParams::default())
             .await;
         let policies: Api<ApiTokenPolicy> = Api::all(self.admin.clone());
         for p in policies.list(&kube::api::ListParams::default()).await.unwrap() {
@@ -140,9 +134,6 @@ impl Setup {
                 let _ = policies.delete(p.metadata.name.as_deref().unwrap(), &DeleteParams::default()).await;
             }
         }
-        let _ = Api::<Namespace>::all(self.admin.clone())
-            .delete(&format!("{}-op", self.id), &DeleteParams::default())
-            .await;
         drop(self.op);
         self.ns.cleanup().await;
     }
@@ -337,11 +328,11 @@ async fn without_the_webhook_a_violating_token_is_denied_and_gets_no_secret() {
     s.policy("strict", json!({"lifetime": {"max": "7d"}})).await;
     // Admission bypassed: the webhook configurations are gone.
     Api::<ValidatingWebhookConfiguration>::all(s.admin.clone())
-        .delete(&s.id, &DeleteParams::default())
+        .delete(&chart_fullname(&s.id), &DeleteParams::default())
         .await
         .unwrap();
     Api::<MutatingWebhookConfiguration>::all(s.admin.clone())
-        .delete(&s.id, &DeleteParams::default())
+        .delete(&chart_fullname(&s.id), &DeleteParams::default())
         .await
         .unwrap();
     let tokens: Api<ApiToken> = s.ns.api();
@@ -382,24 +373,26 @@ async fn the_self_managed_certificate_works_from_cold_start_and_across_renewal()
     )
     .await;
     let erin = client_as("erin", &[]).await;
-    let secrets: Api<Secret> = Api::namespaced(s.admin.clone(), &format!("{}-op", s.id));
+    let secrets: Api<Secret> = Api::namespaced(s.admin.clone(), &s.id);
+    let tls_secret = format!("{}-webhook-tls", chart_fullname(&s.id));
     let not_after = |sec: &Secret| {
         sec.data
             .as_ref()
             .and_then(|d| d.get("tls.not-after"))
             .map(|b| String::from_utf8_lossy(&b.0).into_owned())
     };
-    let first = not_after(&secrets.get("apitoken-operator-webhook-tls").await.unwrap()).unwrap();
+    let first = not_after(&secrets.get(&tls_secret).await.unwrap()).unwrap();
     let mut i = 0;
     let renewed = wait_for("the serving certificate to be renewed", Duration::from_secs(60), || {
         i += 1;
-        let (erin, secrets, ns, first) = (erin.clone(), secrets.clone(), s.ns.name.clone(), first.clone());
+        let (erin, secrets, ns, first, tls_secret) =
+            (erin.clone(), secrets.clone(), s.ns.name.clone(), first.clone(), tls_secret.clone());
         async move {
             // The API server keeps calling the webhook: every create goes through admission.
             apply_as(&erin, &ns, &format!("c{i}"), json!({"scopes": ["metrics:read"]}))
                 .await
                 .expect("admission keeps working");
-            let now = not_after(&secrets.get("apitoken-operator-webhook-tls").await.ok()?)?;
+            let now = not_after(&secrets.get(&tls_secret).await.ok()?)?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             (now != first).then_some(now)
         }

@@ -374,7 +374,7 @@ async fn tls_serves_http1_and_http2_with_generated_or_given_certificates() {
     assert!(ok.status.success());
     for given in [false, true] {
         let port = support::operator::free_port();
-        let mut op = Operator::start_on(&ns.name, "controller,verify", &support::cluster().kubeconfig, port);
+        let mut op = Operator::start_as_chart(&ns.name, "controller,verify", port);
         op.kill();
         op.args.retain(|a| a != "--plain-http");
         if given {

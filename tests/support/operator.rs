@@ -31,6 +31,54 @@ pub async fn install_crds_with(client: kube::Client) {
     }
 }
 
+/// The chart's full name for the release the tests install in `namespace`.
+pub fn chart_fullname(namespace: &str) -> String {
+    format!("r-{namespace}-apitoken-operator")
+}
+
+/// Installs exactly the Helm chart's ServiceAccount and RBAC, released into `namespace`, and
+/// returns a kubeconfig that acts as that ServiceAccount (admin credentials impersonating it).
+/// Every operator the tests start runs with it, so the suite proves the chart's role suffices.
+pub fn chart_service_account_kubeconfig(namespace: &str) -> PathBuf {
+    let c = cluster();
+    let release = format!("r-{namespace}");
+    let rendered = Command::new(c.bin_dir.join("helm"))
+        .args([
+            "template",
+            &release,
+            "charts/apitoken-operator",
+            "--namespace",
+            namespace,
+            "--kube-version",
+            "1.35.4",
+        ])
+        .args(["--show-only", "templates/rbac.yaml", "--show-only", "templates/serviceaccount.yaml"])
+        .current_dir(super::repo_root())
+        .output()
+        .expect("helm");
+    assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    let mut apply = super::kubectl()
+        .args(["apply", "--server-side", "--field-manager=e2e-chart-rbac", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut apply.stdin.take().unwrap(), &rendered.stdout).unwrap();
+    let out = apply.wait_with_output().unwrap();
+    assert!(out.status.success(), "applying the chart RBAC: {}", String::from_utf8_lossy(&out.stderr));
+    let admin = std::fs::read_to_string(&c.kubeconfig).unwrap();
+    let sa = format!("system:serviceaccount:{namespace}:{}", chart_fullname(namespace));
+    let impersonating = admin.replace(
+        "  user:\n    client-certificate:",
+        &format!("  user:\n    as: {sa}\n    client-certificate:"),
+    );
+    assert_ne!(impersonating, admin, "the admin kubeconfig has the expected shape");
+    let path = c.kubeconfig.with_file_name(format!("chart-sa-{namespace}.kubeconfig"));
+    std::fs::write(&path, impersonating).unwrap();
+    path
+}
+
 /// Distinguishes the logs of several operators in one namespace.
 static LOG_COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -52,12 +100,12 @@ pub fn free_port() -> u16 {
 impl Operator {
     /// Starts `apitoken-operator run` (controller only) watching `namespace`, at debug level.
     pub fn start(namespace: &str) -> Self {
-        Self::start_with(namespace, "controller", &cluster().kubeconfig)
+        Self::start_as_chart(namespace, "controller", free_port())
     }
 
     /// Starts the controller and the verification service (plain HTTP on a free loopback port).
     pub fn start_verifying(namespace: &str) -> Self {
-        let mut op = Self::start_with(namespace, "controller,verify", &cluster().kubeconfig);
+        let mut op = Self::start_as_chart(namespace, "controller,verify", free_port());
         // Tests poll with failing tokens from one address; the limiter has a test of its own.
         op.kill();
         op.args.extend([
@@ -72,11 +120,32 @@ impl Operator {
 
     /// Verification with the default failure limits.
     pub fn start_verifying_with_default_limits(namespace: &str) -> Self {
-        Self::start_with(namespace, "controller,verify", &cluster().kubeconfig)
+        Self::start_as_chart(namespace, "controller,verify", free_port())
     }
 
     pub fn start_with(namespace: &str, components: &str, kubeconfig: &std::path::Path) -> Self {
         Self::start_on(namespace, components, kubeconfig, free_port())
+    }
+
+    /// As the chart's ServiceAccount (see [`chart_service_account_kubeconfig`]), released into
+    /// `namespace`, with the names the chart gives the operator.
+    pub fn start_as_chart(namespace: &str, components: &str, listen: u16) -> Self {
+        let kubeconfig = chart_service_account_kubeconfig(namespace);
+        let mut op = Self::start_on(namespace, components, &kubeconfig, listen);
+        op.kill();
+        let name = chart_fullname(namespace);
+        op.args.extend([
+            "--operator-namespace".into(),
+            namespace.into(),
+            "--webhook-config-name".into(),
+            name.clone(),
+            "--webhook-secret".into(),
+            format!("{name}-webhook-tls"),
+            "--service-name".into(),
+            name,
+        ]);
+        op.restart();
+        op
     }
 
     /// As `start_with`, with the verification service on `listen`.
