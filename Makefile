@@ -35,6 +35,7 @@ test: tools fmt-check clippy unit e2e
 crds:
 	cargo run --quiet -- crd > crds/apitoken.dev.yaml
 	cp crds/apitoken.dev.yaml charts/apitoken-operator/crds/apitoken.dev.yaml
+	mkdir -p docs && cargo run --quiet -- crd --reference > docs/crd-reference.md
 
 ## Re-record the chart's default rendering after an intended change.
 chart-snapshot: tools

@@ -21,7 +21,11 @@ pub enum Command {
     /// Run the controller, the verification service and the admission webhooks.
     Run(Box<RunArgs>),
     /// Print every CustomResourceDefinition as YAML (what `crds/` holds).
-    Crd,
+    Crd {
+        /// Print the Markdown field reference instead (what `docs/crd-reference.md` holds).
+        #[arg(long)]
+        reference: bool,
+    },
     /// Print the version.
     Version,
 }

@@ -6,7 +6,11 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => match apitoken_operator::api::crds_yaml() {
+        Command::Crd { reference: true } => {
+            print!("{}", apitoken_operator::api::field_reference());
+            ExitCode::SUCCESS
+        }
+        Command::Crd { reference: false } => match apitoken_operator::api::crds_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");
                 ExitCode::SUCCESS
