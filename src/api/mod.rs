@@ -22,32 +22,6 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn field_reference_is_up_to_date() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/crd-reference.md");
-        let committed = std::fs::read_to_string(path).unwrap_or_default();
-        let generated = super::field_reference();
-        assert!(
-            generated.contains("`spec.rotation.renewBefore`")
-                && generated.contains("`spec.maxActiveTokens.perCreator`")
-        );
-        assert!(committed == generated, "docs/crd-reference.md is stale: run `make crds`");
-    }
-
-    #[test]
-    fn crds_dir_is_up_to_date() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/apitoken.dev.yaml");
-        let committed = std::fs::read_to_string(path).expect("crds/apitoken.dev.yaml exists");
-        let generated = super::crds_yaml().unwrap();
-        assert!(
-            committed == generated,
-            "crds/ is stale: regenerate it with `make crds` (apitoken-operator crd > crds/apitoken.dev.yaml)"
-        );
-    }
-}
-
 /// A Markdown field reference for every CRD, generated from the same schema the API server
 /// enforces (what `docs/crd-reference.md` holds; a test keeps it current).
 pub fn field_reference() -> String {
@@ -99,5 +73,31 @@ fn walk(out: &mut String, path: &str, s: &serde_json::Value) {
             let child = if array { format!("{path}[].{k}") } else { format!("{path}.{k}") };
             walk(out, &child, v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn field_reference_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/crd-reference.md");
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        let generated = super::field_reference();
+        assert!(
+            generated.contains("`spec.rotation.renewBefore`")
+                && generated.contains("`spec.maxActiveTokens.perCreator`")
+        );
+        assert!(committed == generated, "docs/crd-reference.md is stale: run `make crds`");
+    }
+
+    #[test]
+    fn crds_dir_is_up_to_date() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/apitoken.dev.yaml");
+        let committed = std::fs::read_to_string(path).expect("crds/apitoken.dev.yaml exists");
+        let generated = super::crds_yaml().unwrap();
+        assert!(
+            committed == generated,
+            "crds/ is stale: regenerate it with `make crds` (apitoken-operator crd > crds/apitoken.dev.yaml)"
+        );
     }
 }
