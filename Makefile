@@ -23,7 +23,7 @@ clippy:
 	@$(STAGE) clippy cargo clippy --locked --all-targets -- -D warnings
 
 unit:
-	@$(STAGE) unit cargo test --locked --lib --bins
+	@$(STAGE) unit cargo test --locked --lib --bins --test 'fuzz_*'
 
 e2e: tools
 	@$(STAGE) e2e-deps hack/ensure-deps nginx
