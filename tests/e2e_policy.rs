@@ -326,6 +326,11 @@ async fn policy_limits_and_quotas_are_refused_naming_field_and_limit() {
 async fn without_the_webhook_a_violating_token_is_denied_and_gets_no_secret() {
     let s = setup("depth", &[]).await;
     s.policy("strict", json!({"lifetime": {"max": "7d"}})).await;
+    // The operator has seen the policy once its webhook refuses a violation.
+    wait_for("the policy to be in force", T, || async {
+        apply_as(&s.admin, &s.ns.name, "probe", json!({"lifetime": "30d"})).await.err()
+    })
+    .await;
     // Admission bypassed: the webhook configurations are gone.
     Api::<ValidatingWebhookConfiguration>::all(s.admin.clone())
         .delete(&chart_fullname(&s.id), &DeleteParams::default())

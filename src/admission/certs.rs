@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{ObjectMeta, PostParams};
@@ -225,34 +225,42 @@ pub async fn ensure(client: &Client, settings: &CertSettings, now: Timestamp) ->
 /// Puts the CA into every webhook of our Validating/MutatingWebhookConfigurations.
 pub async fn inject_ca_bundle(client: &Client, settings: &CertSettings, ca_pem: &str) -> anyhow::Result<()> {
     let bundle = ByteString(ca_pem.as_bytes().to_vec());
-    let pp = PostParams { field_manager: Some("apitoken-operator".into()), ..PostParams::default() };
-    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut c) = validating.get_opt(&settings.webhook_config).await? {
-        let mut changed = false;
-        for w in c.webhooks.iter_mut().flatten() {
-            if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                w.client_config.ca_bundle = Some(bundle.clone());
-                changed = true;
-            }
-        }
-        if changed {
-            validating.replace(&settings.webhook_config, &pp, &c).await?;
-            info!(name = settings.webhook_config, "caBundle injected into ValidatingWebhookConfiguration");
+    inject_into::<ValidatingWebhookConfiguration>(client, settings, &bundle, |c| {
+        c.webhooks.iter_mut().flatten().map(|w| &mut w.client_config).collect()
+    })
+    .await?;
+    inject_into::<MutatingWebhookConfiguration>(client, settings, &bundle, |c| {
+        c.webhooks.iter_mut().flatten().map(|w| &mut w.client_config).collect()
+    })
+    .await
+}
+
+async fn inject_into<K>(
+    client: &Client,
+    settings: &CertSettings,
+    bundle: &ByteString,
+    configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
+) -> anyhow::Result<()>
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::all(client.clone());
+    let Some(mut c) = api.get_opt(&settings.webhook_config).await? else { return Ok(()) };
+    let mut changed = false;
+    for cc in configs(&mut c) {
+        if cc.ca_bundle.as_ref() != Some(bundle) {
+            cc.ca_bundle = Some(bundle.clone());
+            changed = true;
         }
     }
-    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    if let Some(mut c) = mutating.get_opt(&settings.webhook_config).await? {
-        let mut changed = false;
-        for w in c.webhooks.iter_mut().flatten() {
-            if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
-                w.client_config.ca_bundle = Some(bundle.clone());
-                changed = true;
-            }
-        }
-        if changed {
-            mutating.replace(&settings.webhook_config, &pp, &c).await?;
-            info!(name = settings.webhook_config, "caBundle injected into MutatingWebhookConfiguration");
-        }
+    if changed {
+        let pp = PostParams { field_manager: Some("apitoken-operator".into()), ..PostParams::default() };
+        api.replace(&settings.webhook_config, &pp, &c).await?;
+        info!(name = settings.webhook_config, kind = K::kind(&()).as_ref(), "caBundle injected");
     }
     Ok(())
 }
