@@ -1,5 +1,8 @@
-//! Prometheus metrics (design §8). Labels are fixed strings: never a token, never a name a
-//! client chose.
+//! Prometheus metrics (design §8). Labels are fixed strings, plus an ApiToken's namespace and
+//! name on its expiry gauge (as cert-manager does for certificates); never a token.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,12 +22,39 @@ pub struct EndpointLabels {
     pub endpoint: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `enabled` or `disabled`: alerts care about tokens that will not rotate.
+    pub rotation: &'static str,
+}
+
+/// namespace/name of an ApiToken.
+pub type TokenKey = (String, String);
+
 pub struct Metrics {
     pub registry: Registry,
     pub verifications: Family<VerifyLabels, Counter>,
     pub verify_latency: Family<EndpointLabels, Histogram>,
     pub index_hashes: Gauge,
     pub rate_limited: Counter,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub tokens_by_phase: Family<PhaseLabels, Gauge>,
+    pub expiration: Family<TokenLabels, Gauge>,
+    /// The last phase and expiry labels seen per token, to move the gauges incrementally.
+    seen: Mutex<HashMap<TokenKey, (&'static str, Option<TokenLabels>)>>,
 }
 
 impl Default for Metrics {
@@ -53,14 +83,113 @@ impl Default for Metrics {
             "Requests refused with 429 after repeated failures",
             rate_limited.clone(),
         );
-        Self { registry, verifications, verify_latency, index_hashes, rate_limited }
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        registry.register("reconciles", "Reconciles by result (ok or an error category)", reconciles.clone());
+        let reconcile_duration =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            reconcile_duration.clone(),
+        );
+        let tokens_by_phase = Family::<PhaseLabels, Gauge>::default();
+        registry.register(
+            "tokens",
+            "ApiTokens by phase, as this controller last saw them",
+            tokens_by_phase.clone(),
+        );
+        let expiration = Family::<TokenLabels, Gauge>::default();
+        registry.register(
+            "expiration_timestamp_seconds",
+            "When each ApiToken's current token expires (Unix seconds)",
+            expiration.clone(),
+        );
+        Self {
+            registry,
+            verifications,
+            verify_latency,
+            index_hashes,
+            rate_limited,
+            reconciles,
+            reconcile_duration,
+            tokens_by_phase,
+            expiration,
+            seen: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 impl Metrics {
+    /// Records a token's phase and expiry after a reconcile.
+    pub fn observe_token(
+        &self,
+        key: (String, String),
+        phase: &'static str,
+        expires: Option<i64>,
+        rotation: bool,
+    ) {
+        let labels = expires.map(|_| TokenLabels {
+            namespace: key.0.clone(),
+            name: key.1.clone(),
+            rotation: if rotation { "enabled" } else { "disabled" },
+        });
+        let mut seen = self.seen.lock().expect("metrics lock");
+        if let Some((old_phase, old_labels)) = seen.remove(&key) {
+            self.tokens_by_phase.get_or_create(&PhaseLabels { phase: old_phase }).dec();
+            if let Some(l) = old_labels {
+                self.expiration.remove(&l);
+            }
+        }
+        self.tokens_by_phase.get_or_create(&PhaseLabels { phase }).inc();
+        if let (Some(l), Some(e)) = (&labels, expires) {
+            self.expiration.get_or_create(l).set(e);
+        }
+        seen.insert(key, (phase, labels));
+    }
+
+    /// Forgets a deleted token.
+    pub fn forget_token(&self, key: &(String, String)) {
+        if let Some((phase, labels)) = self.seen.lock().expect("metrics lock").remove(key) {
+            self.tokens_by_phase.get_or_create(&PhaseLabels { phase }).dec();
+            if let Some(l) = labels {
+                self.expiration.remove(&l);
+            }
+        }
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_gauges_move_with_the_phase_and_forget_deleted_tokens() {
+        let m = Metrics::default();
+        let key = ("ns".to_string(), "a".to_string());
+        m.observe_token(key.clone(), "Active", Some(100), false);
+        m.observe_token(key.clone(), "Active", Some(200), false);
+        let text = m.encode();
+        assert!(text.contains("apitoken_tokens{phase=\"Active\"} 1"), "{text}");
+        assert!(
+            text.contains(
+                "apitoken_expiration_timestamp_seconds{namespace=\"ns\",name=\"a\",rotation=\"disabled\"} 200"
+            ),
+            "{text}"
+        );
+        m.observe_token(key.clone(), "Expired", None, false);
+        m.forget_token(&key);
+        let text = m.encode();
+        assert!(
+            text.contains("apitoken_tokens{phase=\"Active\"} 0")
+                && text.contains("apitoken_tokens{phase=\"Expired\"} 0"),
+            "{text}"
+        );
+        assert!(!text.contains("name=\"a\""), "{text}");
     }
 }

@@ -240,6 +240,16 @@ async fn every_endpoint_answers_with_the_exact_codes_and_reasons() {
     let text = m.body.as_str().unwrap_or_default().to_string();
     assert!(text.contains("apitoken_verifications_total{endpoint=\"verify\",result=\"valid\"}"), "{text}");
     assert!(text.contains("result=\"checksum_mismatch\""));
+    // Controller metrics: tokens by phase, expiry per token, reconciles.
+    assert!(text.contains("apitoken_tokens{phase=\"Active\"}"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "apitoken_expiration_timestamp_seconds{{namespace=\"{}\",name=\"good\",rotation=\"enabled\"}}",
+            ns.name
+        )),
+        "{text}"
+    );
+    assert!(text.contains("apitoken_reconciles_total{result=\"ok\"}"), "{text}");
     assert!(!text.contains(&good[15..55]));
     ns.cleanup().await;
 }

@@ -13,13 +13,20 @@ use tracing::{info, warn};
 use super::secret::{MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL};
 use crate::api::ApiToken;
 
-pub async fn remove_secrets_of_deleted_tokens(client: Client, namespace: Option<String>) {
+pub async fn remove_secrets_of_deleted_tokens(
+    client: Client,
+    namespace: Option<String>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     let tokens: Api<PartialObjectMeta<ApiToken>> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
     let mut events = watcher(tokens, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
+        if let Ok(watcher::Event::Delete(meta)) = &event {
+            metrics.forget_token(&(meta.namespace().unwrap_or_default(), meta.name_any()));
+        }
         if let Ok(watcher::Event::Delete(meta)) = event
             && let (Some(ns), Some(uid)) = (meta.namespace(), meta.uid())
             && let Err(e) = remove_owned(&client, &ns, &meta.name_any(), &uid).await

@@ -33,6 +33,7 @@ use crate::core::desired::{Limits, SpecInput, Violation, validate};
 use crate::core::plan::{self, Action, Current, Desired, Minted};
 use crate::core::policy::{self, Ask};
 use crate::core::token::{self, Plaintext};
+use crate::metrics::Metrics;
 use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
 
 /// Field manager for everything the operator writes.
@@ -44,15 +45,16 @@ pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
     pub policies: PolicyView,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
-    pub fn new(client: Client, policies: PolicyView) -> Self {
+    pub fn new(client: Client, policies: PolicyView, metrics: Arc<Metrics>) -> Self {
         let reporter = Reporter {
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
         };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, policies }
+        Self { recorder: Recorder::new(client.clone(), reporter), client, policies, metrics }
     }
 }
 
@@ -61,6 +63,7 @@ pub async fn run(
     client: Client,
     namespace: Option<String>,
     policies: PolicyView,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
@@ -70,9 +73,9 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let ctx = Arc::new(Context::new(client.clone(), policies.clone()));
+    let ctx = Arc::new(Context::new(client.clone(), policies.clone(), metrics.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
-    let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone());
+    let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics);
     let controller = Controller::new(tokens, watcher::Config::default().any_semantic())
         .owns(secrets, owned)
         // A policy or namespace label change re-evaluates every token.
@@ -103,9 +106,21 @@ fn error_policy(obj: Arc<ApiToken>, err: &Error, _ctx: Arc<Context>) -> Requeue 
 
 #[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
 async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Error> {
-    let mut obj = (*obj).clone();
+    let started = std::time::Instant::now();
+    let result = Box::pin(reconcile_steps(&obj, &ctx)).await;
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.category(),
+    };
+    ctx.metrics.reconciles.get_or_create(&crate::metrics::ReconcileLabels { result: label }).inc();
+    result
+}
+
+async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error> {
+    let mut obj = obj.clone();
     for _ in 0..MAX_STEPS {
-        match step(&obj, &ctx).await? {
+        match step(&obj, ctx).await? {
             Step::Continue(updated) => obj = *updated,
             Step::Done(wake) => return Ok(requeue_at(wake, Timestamp::now())),
         }
@@ -296,8 +311,18 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         Action::Wait { until } => {
             let new_status =
                 build_status(obj, &status, &desired, &current, now, &wanted_name, noncompliance.as_deref());
-            if new_status != status {
-                write_status(&tokens, obj, new_status).await?;
+            if new_status == status {
+                // Nothing to write (e.g. after a restart): the gauges still learn the token.
+                let expires = current.expires_at.map(Timestamp::as_second);
+                let phase = status::phase_to_api(current.phase).as_str();
+                ctx.metrics.observe_token(
+                    (ns.clone(), obj.name_any()),
+                    phase,
+                    expires,
+                    obj.spec.rotation.enabled,
+                );
+            } else {
+                write_status(&ctx.metrics, &tokens, obj, new_status).await?;
             }
             if current.phase == plan::Phase::Active
                 && let Some(id) = &current.token_id
@@ -320,7 +345,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             // Status first: every verifier accepts the new hash before anyone can read the token.
             let new_status =
                 build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref());
-            let updated = write_status(&tokens, obj, new_status).await?;
+            let updated = write_status(&ctx.metrics, &tokens, obj, new_status).await?;
             write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await?;
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             let (reason, note) = match action {
@@ -350,7 +375,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             let updated = if new_status == status {
                 obj.clone()
             } else {
-                write_status(&tokens, obj, new_status).await?
+                write_status(&ctx.metrics, &tokens, obj, new_status).await?
             };
             if let Some(token) = &stored {
                 write_secret(&secrets, &updated, &wanted_name, token, &next, &desired).await?;
@@ -371,6 +396,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
             let updated = write_status(
+                &ctx.metrics,
                 &tokens,
                 obj,
                 build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
@@ -389,6 +415,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         Action::Expire | Action::Revoke => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
             let updated = write_status(
+                &ctx.metrics,
                 &tokens,
                 obj,
                 build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
@@ -452,7 +479,7 @@ async fn fail(
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
     if s != *old {
-        write_status(tokens, obj, s).await?;
+        write_status(&ctx.metrics, tokens, obj, s).await?;
         warn!(reason, message, "cannot issue");
         publish(ctx, obj, EventType::Warning, reason, message).await;
     }
@@ -485,16 +512,23 @@ async fn deny(
 
 /// Replaces the status, on the condition that nobody changed the object since we read it.
 async fn write_status(
+    metrics: &Metrics,
     tokens: &Api<ApiToken>,
     obj: &ApiToken,
     status: ApiTokenStatus,
 ) -> Result<ApiToken, Error> {
+    let key = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let (phase, expires) =
+        (status.phase.unwrap_or_default().as_str(), status.expires_at.as_ref().map(|t| t.0.as_second()));
     let mut o = obj.clone();
     o.status = Some(status);
     o.metadata.managed_fields = None;
     let pp = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match tokens.replace_status(&obj.name_any(), &pp, &o).await {
-        Ok(updated) => Ok(updated),
+        Ok(updated) => {
+            metrics.observe_token(key, phase, expires, obj.spec.rotation.enabled);
+            Ok(updated)
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
         Err(e) => Err(e.into()),
     }

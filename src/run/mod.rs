@@ -148,11 +148,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             );
             let stop = stop_tx.subscribe();
             let for_work = client.clone();
+            let metrics = metrics.clone();
             graceful.spawn(leader::run(client, settings, stop, move |until| {
-                controller::run(for_work.clone(), namespace.clone(), view.clone(), until)
+                controller::run(for_work.clone(), namespace.clone(), view.clone(), metrics.clone(), until)
             }));
         } else {
-            graceful.spawn(controller::run(client, namespace, view, stopped()));
+            graceful.spawn(controller::run(client, namespace, view, metrics.clone(), stopped()));
         }
     }
     shutdown_signal().await;
