@@ -42,10 +42,47 @@ pub fn render(namespace: &str, sets: &[&str]) -> String {
     out
 }
 
-/// Kinds whose CRDs a plain cluster does not have (cert-manager, Prometheus operator): they are
-/// rendered and linted, but cannot be dry-run here.
-const FOREIGN: [&str; 4] =
-    ["kind: Certificate", "kind: Issuer", "kind: ServiceMonitor", "kind: PrometheusRule"];
+/// Stand-ins for the CRDs of cert-manager and the Prometheus operator (kinds the chart renders
+/// optionally), so those objects are dry-run too: group, version, kind and scope are checked,
+/// their fields are not (the stand-ins keep unknown fields).
+fn install_foreign_crds() {
+    let crd = |group: &str, kind: &str, plural: &str| {
+        format!(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {{name: {plural}.{group}}}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{kind: {kind}, plural: {plural}, singular: {singular}}}\n  versions:\n  - name: v1\n    served: true\n    storage: true\n    schema: {{openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}}}\n",
+            singular = kind.to_lowercase()
+        )
+    };
+    let all = [
+        crd("cert-manager.io", "Certificate", "certificates"),
+        crd("cert-manager.io", "Issuer", "issuers"),
+        crd("monitoring.coreos.com", "ServiceMonitor", "servicemonitors"),
+        crd("monitoring.coreos.com", "PrometheusRule", "prometheusrules"),
+    ]
+    .join("---\n");
+    let mut child = support::kubectl()
+        .args(["apply", "--server-side", "--field-manager=helm-test", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(all.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for name in [
+        "certificates.cert-manager.io",
+        "issuers.cert-manager.io",
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+    ] {
+        let crd = format!("crd/{name}");
+        let ok = support::kubectl()
+            .args(["wait", "--for=condition=established", "--timeout=30s", &crd])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "{name} established");
+    }
+}
 
 #[test]
 fn helm_lint_is_clean_and_bad_values_are_refused() {
@@ -59,6 +96,7 @@ fn helm_lint_is_clean_and_bad_values_are_refused() {
 fn every_documented_option_renders_and_passes_a_server_side_dry_run() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ns = rt.block_on(TestNamespace::new("chart"));
+    install_foreign_crds();
     let options: [&[&str]; 8] = [
         &[],
         &["certManager.enabled=true"],
@@ -71,10 +109,7 @@ fn every_documented_option_renders_and_passes_a_server_side_dry_run() {
     ];
     for sets in options {
         let rendered = render(&ns.name, sets);
-        let docs: Vec<&str> = rendered
-            .split("\n---")
-            .filter(|d| d.contains("kind:") && !FOREIGN.iter().any(|f| d.contains(f)))
-            .collect();
+        let docs: Vec<&str> = rendered.split("\n---").filter(|d| d.contains("kind:")).collect();
         let mut child = support::kubectl()
             .args(["apply", "--server-side", "--dry-run=server", "--field-manager=helm-test", "-f", "-"])
             .stdin(Stdio::piped())
