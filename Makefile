@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench chart-snapshot
+.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
@@ -52,3 +52,8 @@ demo-down:
 ## Verification throughput and latency against a bare hyper baseline, and index memory per token.
 bench:
 	cargo bench --locked --bench verify
+
+## Issuing 1,000 and 10,000 tokens through the operator vs the same writes made directly
+## (BENCH_SCALE_N=1000,10000). Not part of `make test`: it takes minutes.
+bench-scale: tools
+	cargo bench --locked --bench scale

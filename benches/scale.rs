@@ -1,0 +1,259 @@
+//! `make bench-scale` (not part of `make test`): issuing N tokens through the operator against a
+//! baseline measured in the same run on the same local cluster — the same client writing the
+//! same number of ApiTokens, Secrets and status patches directly. Prints both times and their
+//! ratio, p99 time-to-Active, the operator's RSS, its API writes per token, and the time until its
+//! verification index holds every token.
+//! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::watcher;
+use kube::{Api, Client, Config};
+use serde_json::json;
+
+use apitoken_operator::api::{ApiToken, Phase};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(repo().join(cmd)).args(args).output().expect("run");
+    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn ns(client: &Client, name: &str) {
+    let n: Namespace = serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+    Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &n).await.unwrap();
+}
+
+fn token_body(name: &str) -> serde_json::Value {
+    json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": {"scopes": ["metrics:read"]}})
+}
+
+/// The baseline: the writes the operator makes for one token, made directly by this client.
+async fn baseline(client: &Client, namespace: &str, n: usize, concurrency: usize) -> Duration {
+    let tokens: Api<ApiToken> = Api::namespaced(client.clone(), namespace);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .for_each_concurrent(concurrency, |i| {
+            let (tokens, secrets) = (tokens.clone(), secrets.clone());
+            async move {
+                let name = format!("b{i}");
+                tokens.patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&token_body(&name))).await.unwrap();
+                let status = json!({"status": {"phase": "Active", "tokenHash": format!("sha256:{:064x}", i)}});
+                tokens.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
+                let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {"token": "x"}});
+                secrets.patch(&name, &PatchParams::apply("bench").force(), &Patch::Apply(&secret)).await.unwrap();
+                tokens.patch_status(&name, &PatchParams::default(), &Patch::Merge(&json!({"status": {"observedGeneration": 1}}))).await.unwrap();
+            }
+        })
+        .await;
+    start.elapsed()
+}
+
+struct Operator {
+    child: Child,
+    log: PathBuf,
+    metrics: String,
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_operator(kubeconfig: &Path, namespace: &str) -> Operator {
+    let log = std::env::temp_dir().join(format!("apitoken-bench-scale-{namespace}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let metrics = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_apitoken-operator"))
+        .args([
+            "run",
+            "--namespace",
+            namespace,
+            "--no-leader-election",
+            "--plain-http",
+            "--components",
+            "controller,verify",
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .env("KUBECONFIG", kubeconfig)
+        .env("RUST_LOG", "debug,hyper=info,hyper_util=info,tower=info,h2=info,rustls=info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    Operator { child, log, metrics: format!("http://127.0.0.1:{metrics}/metrics") }
+}
+
+fn index_hashes(url: &str) -> u64 {
+    let out = Command::new("curl").args(["-s", url]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("apitoken_index_hashes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
+async fn run_one(client: &Client, kubeconfig: &Path, n: usize, concurrency: usize) {
+    let (base_ns, op_ns) = (format!("base-{n}"), format!("op-{n}"));
+    ns(client, &base_ns).await;
+    ns(client, &op_ns).await;
+    let base = baseline(client, &base_ns, n, concurrency).await;
+
+    let op = start_operator(kubeconfig, &op_ns);
+    let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &op_ns);
+    // Time-to-Active per token, from this client's write to the watch seeing Active.
+    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let active: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let (a2, api) = (active.clone(), tokens.clone());
+    let watch = tokio::spawn(async move {
+        let mut s = watcher(api, watcher::Config::default()).boxed();
+        while let Ok(Some(e)) = s.try_next().await {
+            if let watcher::Event::Apply(at) | watcher::Event::InitApply(at) = e
+                && at.status.as_ref().and_then(|s| s.phase) == Some(Phase::Active)
+            {
+                let name = at.metadata.name.clone().unwrap_or_default();
+                a2.lock().unwrap().entry(name).or_insert_with(Instant::now);
+            }
+        }
+    });
+    let start = Instant::now();
+    let mut peak_rss = 0;
+    futures::stream::iter(0..n)
+        .for_each_concurrent(concurrency, |i| {
+            let (tokens, created) = (tokens.clone(), created.clone());
+            async move {
+                let name = format!("t{i}");
+                created.lock().unwrap().insert(name.clone(), Instant::now());
+                tokens
+                    .patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&token_body(&name)))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    loop {
+        peak_rss = peak_rss.max(rss_kib(op.child.id()));
+        if active.lock().unwrap().len() >= n {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(1800), "not all Active within 30 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let with_operator = start.elapsed();
+    let index_wait = Instant::now();
+    while index_hashes(&op.metrics) < n as u64 {
+        assert!(index_wait.elapsed() < Duration::from_secs(120), "index incomplete");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watch.abort();
+    let mut ttas: Vec<Duration> = {
+        let c = created.lock().unwrap();
+        let a = active.lock().unwrap();
+        a.iter().filter_map(|(k, t)| c.get(k).map(|s| t.saturating_duration_since(*s))).collect()
+    };
+    ttas.sort();
+    let p99 = ttas[(ttas.len() * 99 / 100).min(ttas.len() - 1)];
+    tokio::time::sleep(Duration::from_secs(2)).await; // let the operator settle before a steady reading
+    let steady = rss_kib(op.child.id());
+    let log = std::fs::read_to_string(&op.log).unwrap_or_default();
+    let writes = log
+        .lines()
+        .filter(|l| {
+            l.contains("requesting")
+                && ["http.method=PUT", "http.method=PATCH", "http.method=POST", "http.method=DELETE"]
+                    .iter()
+                    .any(|m| l.contains(m))
+        })
+        .filter(|l| !l.contains("/events"))
+        .count();
+    println!("N = {n} (concurrency {concurrency})");
+    println!("  baseline (same client: ApiToken + Secret + 2 status patches each): {base:.2?}");
+    println!("  through the operator (apply ApiTokens, wait until all Active):     {with_operator:.2?}");
+    println!("  ratio operator/baseline = {:.2}", with_operator.as_secs_f64() / base.as_secs_f64());
+    println!("  p99 time-to-Active = {p99:.2?}");
+    println!(
+        "  operator RSS steady {:.1} MiB, peak during issuance {:.1} MiB",
+        steady as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
+    println!("  API writes per token (operator, excluding Events) = {:.2}", writes as f64 / n as f64);
+    println!("  verification index complete {:.2?} after the last token became Active", index_wait.elapsed());
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("BENCH_SCALE_N")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let concurrency =
+        std::env::var("BENCH_SCALE_CONCURRENCY").ok().and_then(|s| s.parse().ok()).unwrap_or(32);
+    let name = format!("scale-{}", std::process::id());
+    sh("hack/local-cluster", &["up", &name, "--owner-pid", &std::process::id().to_string()]);
+    let env = sh("hack/local-cluster", &["env", &name]);
+    let kubeconfig: PathBuf = env.lines().find_map(|l| l.strip_prefix("export KUBECONFIG=")).unwrap().into();
+    let kubectl = PathBuf::from(sh("hack/build-control-plane", &["--print"]).trim()).join("kubectl");
+    let ok = Command::new(&kubectl)
+        .env("KUBECONFIG", &kubeconfig)
+        .args(["apply", "--server-side", "-f", "crds/"])
+        .current_dir(repo())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let ok = Command::new(&kubectl)
+        .env("KUBECONFIG", &kubeconfig)
+        .args([
+            "wait",
+            "--for=condition=established",
+            "crd/apitokens.apitoken.dev",
+            "crd/apitokenpolicies.apitoken.dev",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
+        let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.unwrap();
+        config.read_timeout = Some(Duration::from_secs(60));
+        let client = Client::try_from(config).unwrap();
+        for n in sizes {
+            run_one(&client, &kubeconfig, n, concurrency).await;
+        }
+    });
+    sh("hack/local-cluster", &["down", &name]);
+}
