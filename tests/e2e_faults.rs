@@ -8,13 +8,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apitoken_operator::api::ApiToken;
-use apitoken_operator::core::token;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::operator::{Operator, free_port, install_crds_with};
-use support::{client_from, repo_root, wait_for};
+use support::{client_from, issued_token, repo_root, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -49,15 +48,6 @@ async fn apply(tokens: &Api<ApiToken>, name: &str, spec: Value) {
     tokens.patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(&body)).await.unwrap();
 }
 
-async fn issued(tokens: &Api<ApiToken>, secrets: &Api<Secret>, name: &str) -> String {
-    wait_for(&format!("{name} issued"), T, || async {
-        let s = tokens.get(name).await.ok()?.status?;
-        let t = String::from_utf8(secrets.get_opt(name).await.ok()??.data?.get("token")?.0.clone()).ok()?;
-        (Some(token::hash(&t).as_str()) == s.token_hash.as_deref()).then_some(t)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn verification_survives_an_api_server_outage_and_catches_up() {
     let name = format!("faults-{}", std::process::id());
@@ -86,9 +76,9 @@ async fn verification_survives_an_api_server_outage_and_catches_up() {
     apply(&tokens, "later", json!({})).await;
     apply(&tokens, "brief", json!({"lifetime": "20s", "rotation": {"enabled": false}})).await;
     let (live, later, brief) = (
-        issued(&tokens, &secrets, "live").await,
-        issued(&tokens, &secrets, "later").await,
-        issued(&tokens, &secrets, "brief").await,
+        issued_token(&tokens, &secrets, "live", None).await,
+        issued_token(&tokens, &secrets, "later", None).await,
+        issued_token(&tokens, &secrets, "brief", None).await,
     );
     let expires = tokens.get("brief").await.unwrap().status.unwrap().expires_at.unwrap().0;
     wait_for("the verifier to accept all three", T, || async {
@@ -133,7 +123,7 @@ async fn verification_survives_an_api_server_outage_and_catches_up() {
     assert!(revoked.elapsed() < Duration::from_secs(10), "after the outage: {:?}", revoked.elapsed());
     // And issuance works again.
     apply(&tokens, "after", json!({})).await;
-    let after = issued(&tokens, &secrets, "after").await;
+    let after = issued_token(&tokens, &secrets, "after", None).await;
     wait_for("the new token to verify", T, || async { (verify(&base, &after) == 200).then_some(()) }).await;
     drop(op);
     local_cluster(&["down", &name]);

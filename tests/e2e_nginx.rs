@@ -7,13 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use apitoken_operator::api::ApiToken;
-use apitoken_operator::core::token;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 use support::operator::{Operator, free_port, install_crds};
-use support::{TestNamespace, wait_for};
+use support::{TestNamespace, issued_token, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -95,12 +94,7 @@ fn get(url: &str, token: Option<&str>) -> (u16, String, String) {
 async fn issue(tokens: &Api<ApiToken>, secrets: &Api<Secret>, name: &str, scopes: &[&str]) -> String {
     let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": {"scopes": scopes}});
     tokens.patch(name, &PatchParams::apply("e2e-user"), &Patch::Apply(&body)).await.unwrap();
-    wait_for(&format!("{name} issued"), T, || async {
-        let s = tokens.get(name).await.ok()?.status?;
-        let t = String::from_utf8(secrets.get_opt(name).await.ok()??.data?.get("token")?.0.clone()).ok()?;
-        (Some(token::hash(&t).as_str()) == s.token_hash.as_deref()).then_some(t)
-    })
-    .await
+    issued_token(tokens, secrets, name, None).await
 }
 
 #[tokio::test]

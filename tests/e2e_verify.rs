@@ -14,7 +14,7 @@ use kube::api::{Patch, PatchParams};
 use rand::SeedableRng;
 use serde_json::{Value, json};
 use support::operator::{Operator, install_crds};
-use support::{TestNamespace, wait_for};
+use support::{TestNamespace, issued_token, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -70,22 +70,6 @@ fn review(base: &str, token: &str, audiences: &[&str]) -> Reply {
 async fn apply(tokens: &Api<ApiToken>, name: &str, spec: Value) {
     let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": spec});
     tokens.patch(name, &PatchParams::apply("e2e-user").force(), &Patch::Apply(&body)).await.unwrap();
-}
-
-/// The token in the Secret once it matches the status (issued or rotated and written).
-async fn issued_token(
-    tokens: &Api<ApiToken>,
-    secrets: &Api<Secret>,
-    name: &str,
-    not: Option<&str>,
-) -> String {
-    wait_for(&format!("{name} issued"), T, || async {
-        let s = tokens.get(name).await.ok()?.status?;
-        let t = secrets.get_opt(s.secret_name.as_deref()?).await.ok()??.data?.get("token")?.0.clone();
-        let t = String::from_utf8(t).ok()?;
-        (Some(token::hash(&t).as_str()) == s.token_hash.as_deref() && Some(t.as_str()) != not).then_some(t)
-    })
-    .await
 }
 
 async fn setup(prefix: &str) -> (TestNamespace, Operator, String, Api<ApiToken>, Api<Secret>) {

@@ -17,33 +17,9 @@ pub const TOKEN_ID_ANNOTATION: &str = "apitoken.dev/token-id";
 pub async fn converge(ctx: &Context, obj: &ApiToken, ns: &str, token_id: &str) {
     for target in &obj.spec.restart_targets {
         let result = match target.kind {
-            RestartKind::Deployment => {
-                bump::<Deployment>(ctx, ns, &target.name, token_id, |d| {
-                    d.spec
-                        .as_ref()
-                        .and_then(|s| s.template.metadata.as_ref())
-                        .and_then(|m| m.annotations.clone())
-                })
-                .await
-            }
-            RestartKind::StatefulSet => {
-                bump::<StatefulSet>(ctx, ns, &target.name, token_id, |d| {
-                    d.spec
-                        .as_ref()
-                        .and_then(|s| s.template.metadata.as_ref())
-                        .and_then(|m| m.annotations.clone())
-                })
-                .await
-            }
-            RestartKind::DaemonSet => {
-                bump::<DaemonSet>(ctx, ns, &target.name, token_id, |d| {
-                    d.spec
-                        .as_ref()
-                        .and_then(|s| s.template.metadata.as_ref())
-                        .and_then(|m| m.annotations.clone())
-                })
-                .await
-            }
+            RestartKind::Deployment => bump::<Deployment>(ctx, ns, &target.name, token_id).await,
+            RestartKind::StatefulSet => bump::<StatefulSet>(ctx, ns, &target.name, token_id).await,
+            RestartKind::DaemonSet => bump::<DaemonSet>(ctx, ns, &target.name, token_id).await,
         };
         match result {
             Ok(true) => {
@@ -62,22 +38,19 @@ pub async fn converge(ctx: &Context, obj: &ApiToken, ns: &str, token_id: &str) {
 }
 
 /// Sets the annotation when it differs; `Ok(true)` when it patched.
-async fn bump<K>(
-    ctx: &Context,
-    ns: &str,
-    name: &str,
-    token_id: &str,
-    annotations: impl Fn(&K) -> Option<std::collections::BTreeMap<String, String>>,
-) -> Result<bool, kube::Error>
+async fn bump<K>(ctx: &Context, ns: &str, name: &str, token_id: &str) -> Result<bool, kube::Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
         + DeserializeOwned
+        + serde::Serialize
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let current = api.get(name).await?;
-    if annotations(&current).and_then(|a| a.get(TOKEN_ID_ANNOTATION).cloned()).as_deref() == Some(token_id) {
+    let current = serde_json::to_value(api.get(name).await?).unwrap_or_default();
+    // Every workload kind keeps its pod template at the same path.
+    let pointer = "/spec/template/metadata/annotations/apitoken.dev~1token-id";
+    if current.pointer(pointer).and_then(|v| v.as_str()) == Some(token_id) {
         return Ok(false);
     }
     let patch = json!({"spec": {"template": {"metadata": {"annotations": {TOKEN_ID_ANNOTATION: token_id}}}}});

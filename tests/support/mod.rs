@@ -164,3 +164,21 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The token in an ApiToken's Secret once it hashes to `status.tokenHash` (issued, or rotated and
+/// written); with `not`, a token other than that one.
+pub async fn issued_token(
+    tokens: &Api<apitoken_operator::api::ApiToken>,
+    secrets: &Api<k8s_openapi::api::core::v1::Secret>,
+    name: &str,
+    not: Option<&str>,
+) -> String {
+    wait_for(&format!("{name} issued"), Duration::from_secs(30), || async {
+        let s = tokens.get(name).await.ok()?.status?;
+        let t = secrets.get_opt(s.secret_name.as_deref()?).await.ok()??.data?.get("token")?.0.clone();
+        let t = String::from_utf8(t).ok()?;
+        let hash = apitoken_operator::core::token::hash(&t);
+        (Some(hash.as_str()) == s.token_hash.as_deref() && Some(t.as_str()) != not).then_some(t)
+    })
+    .await
+}
