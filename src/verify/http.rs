@@ -113,7 +113,7 @@ impl AppState {
             .get_or_create(&EndpointLabels { endpoint })
             .observe(start.elapsed().as_secs_f64());
         match &result {
-            Ok(g) => self.last_used.record(&g.entry.meta.namespace, &g.entry.meta.name),
+            Ok(g) => self.last_used.record(&g.entry.meta),
             Err(d) if d.status() == 401 => self.limiter.failed(client),
             Err(_) => {}
         }

@@ -1,8 +1,10 @@
 //! `status.lastUsedAt`, written back at most once a minute per token by this process.
 //! Requests only `try_send` into a bounded channel: a busy API server never slows verification,
-//! and under overload an update is dropped rather than queued without bound.
+//! and under overload an update is dropped rather than queued without bound. A request sends
+//! the shared token metadata (a reference count, no copy); the writer makes the key.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -12,13 +14,14 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::index::TokenMeta;
 use crate::api::ApiToken;
 
 pub const DEBOUNCE: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct LastUsed {
-    tx: Option<mpsc::Sender<(String, String)>>,
+    tx: Option<mpsc::Sender<Arc<TokenMeta>>>,
 }
 
 impl LastUsed {
@@ -27,9 +30,9 @@ impl LastUsed {
         Self { tx: None }
     }
 
-    pub fn record(&self, namespace: &str, name: &str) {
+    pub fn record(&self, meta: &Arc<TokenMeta>) {
         if let Some(tx) = &self.tx {
-            let _ = tx.try_send((namespace.to_string(), name.to_string()));
+            let _ = tx.try_send(meta.clone());
         }
     }
 }
@@ -58,11 +61,12 @@ impl Debouncer {
 
 /// Starts the writer; returns the handle requests use.
 pub fn start(client: Client) -> LastUsed {
-    let (tx, mut rx) = mpsc::channel::<(String, String)>(4096);
+    let (tx, mut rx) = mpsc::channel::<Arc<TokenMeta>>(4096);
     tokio::spawn(async move {
         let mut debouncer = Debouncer::default();
         let mut sweeps = 0u32;
-        while let Some(key) = rx.recv().await {
+        while let Some(meta) = rx.recv().await {
+            let key = (meta.namespace.clone(), meta.name.clone());
             let now = Instant::now();
             if !debouncer.due(&key, now) {
                 continue;
