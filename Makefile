@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
+.PHONY: test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
@@ -57,3 +57,8 @@ bench:
 ## (BENCH_SCALE_N=1000,10000). Not part of `make test`: it takes minutes.
 bench-scale: tools
 	cargo bench --locked --bench scale
+
+## Fault injection (API server stopped for 30 s). Kept out of `make test` for now: its recovery
+## check after the restart passed in every local run but timed out once under CI load (issue 7).
+test-faults: tools
+	cargo test --locked --test faults_apiserver -- --nocapture

@@ -1,6 +1,8 @@
 //! Fault injection on a cluster of its own: the API server goes away for 30 s while traffic
 //! flows. Verification keeps answering from its index (expiry still enforced locally); when the
 //! server returns the index lists again and a revocation written then applies within seconds.
+//! Run with `make test-faults` (not part of `make test` until the recovery after a restart is
+//! understood: once, under CI load, it did not happen within 20 s).
 
 mod support;
 
