@@ -10,22 +10,10 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
-use support::operator::{Operator, install_crds};
+use support::operator::{Operator, install_crds, lease_holder};
 use support::{TestNamespace, wait_for};
 
 const T: Duration = Duration::from_secs(30);
-
-fn elected(ns: &str) -> Operator {
-    let mut op = Operator::start_as_chart(ns, "controller", support::operator::free_port());
-    op.kill();
-    op.args.retain(|a| a != "--no-leader-election");
-    op.restart();
-    op
-}
-
-async fn holder(leases: &Api<Lease>) -> Option<String> {
-    leases.get_opt("apitoken-operator").await.ok()??.spec?.holder_identity.filter(|h| !h.is_empty())
-}
 
 async fn issued(tokens: &Api<ApiToken>, name: &str) {
     let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": {}});
@@ -42,19 +30,19 @@ async fn one_leader_reconciles_and_another_takes_over() {
     let ns = TestNamespace::new("ha").await;
     let tokens: Api<ApiToken> = ns.api();
     let leases: Api<Lease> = ns.api();
-    let mut a = elected(&ns.name);
-    let first = wait_for("a leader", T, || holder(&leases)).await;
-    let mut b = elected(&ns.name);
+    let mut a = Operator::start_elected(&ns.name);
+    let first = wait_for("a leader", T, || lease_holder(&leases)).await;
+    let mut b = Operator::start_elected(&ns.name);
     issued(&tokens, "one").await;
     assert!(a.log_text().contains("became leader"));
     assert!(!b.log_text().contains("became leader"), "the second replica waits");
-    assert_eq!(holder(&leases).await.as_deref(), Some(first.as_str()));
+    assert_eq!(lease_holder(&leases).await.as_deref(), Some(first.as_str()));
 
     // SIGKILL the leader: the other takes over within the lease duration (15s) plus a retry.
     a.kill();
     let killed = Instant::now();
     let second = wait_for("a new leader", Duration::from_secs(25), || async {
-        holder(&leases).await.filter(|h| *h != first)
+        lease_holder(&leases).await.filter(|h| *h != first)
     })
     .await;
     println!("takeover after SIGKILL: {:?}", killed.elapsed());
@@ -66,12 +54,13 @@ async fn one_leader_reconciles_and_another_takes_over() {
     b.terminate();
     let stopped = Instant::now();
     wait_for("the lease to be released", Duration::from_secs(5), || async {
-        holder(&leases).await.is_none().then_some(())
+        lease_holder(&leases).await.is_none().then_some(())
     })
     .await;
     println!("lease released {:?} after SIGTERM", stopped.elapsed());
-    let mut c = elected(&ns.name);
-    let third = wait_for("the third replica to lead", Duration::from_secs(10), || holder(&leases)).await;
+    let mut c = Operator::start_elected(&ns.name);
+    let third =
+        wait_for("the third replica to lead", Duration::from_secs(10), || lease_holder(&leases)).await;
     assert_ne!(third, second);
     issued(&tokens, "three").await;
     c.kill();

@@ -251,7 +251,10 @@ pub fn next_state(
                     // The outgoing token overlaps for the grace period, never past its expiry.
                     let until = now.saturating_add(d.grace_period).expect("in range");
                     let until = c.expires_at.map_or(until, |e| until.min(e));
-                    if *reason == RotateReason::Expired || until <= now {
+                    if secret == SecretState::Previous {
+                        // The current token was staged but never reached the Secret: consumers
+                        // still hold the previous one, so it keeps its overlap.
+                    } else if *reason == RotateReason::Expired || until <= now {
                         n.previous_token_hash = None;
                         n.previous_valid_until = None;
                     } else {
@@ -447,6 +450,31 @@ mod tests {
         assert_eq!(settle(&d, &mut c, &mut s, t(6), &mut n), vec![Action::Recover]);
         assert_eq!(c.rotation_count, 1);
         assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"));
+        assert_ne!(c.token_hash.as_deref(), Some("sha256:lost"));
+    }
+
+    #[test]
+    fn a_new_trigger_after_an_undelivered_rotation_keeps_the_token_consumers_hold() {
+        let mut d = desired(3600, None, 60);
+        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
+        settle(&d, &mut c, &mut s, t(0), &mut n);
+        d.trigger = Some("1".into());
+        // Rotation staged in the status; the operator dies before the Secret write.
+        c = next_state(
+            &Action::Rotate(RotateReason::Trigger),
+            &d,
+            &c,
+            s,
+            t(5),
+            Some(Minted { hash: "sha256:lost".into(), id: "x".into(), display: String::new() }),
+        );
+        s = SecretState::Previous;
+        // Meanwhile the trigger changes again.
+        d.trigger = Some("2".into());
+        assert_eq!(settle(&d, &mut c, &mut s, t(6), &mut n), vec![Action::Rotate(RotateReason::Trigger)]);
+        assert_eq!(c.rotation_count, 2, "two trigger changes");
+        assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"), "the delivered token overlaps");
+        assert_eq!(c.previous_valid_until, Some(t(65)));
         assert_ne!(c.token_hash.as_deref(), Some("sha256:lost"));
     }
 

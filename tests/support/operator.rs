@@ -181,6 +181,16 @@ impl Operator {
         op
     }
 
+    /// A controller replica as the chart runs it, with leader election on (the Lease named
+    /// `apitoken-operator` in `namespace`).
+    pub fn start_elected(namespace: &str) -> Self {
+        let mut op = Self::start_as_chart(namespace, "controller", free_port());
+        op.kill();
+        op.args.retain(|a| a != "--no-leader-election");
+        op.restart();
+        op
+    }
+
     /// Starts the process again (after `kill`), appending to the same log.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
@@ -228,4 +238,9 @@ impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The identity holding the operator's Lease in `leases`' namespace, if any.
+pub async fn lease_holder(leases: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Option<String> {
+    leases.get_opt("apitoken-operator").await.ok()??.spec?.holder_identity.filter(|h| !h.is_empty())
 }
