@@ -2,11 +2,11 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
+.PHONY: faults test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
-	@echo "make test   - every test tier (format, lint, unit, end-to-end against a local cluster)"
+	@echo "make test   - every test tier (format, lint, unit, end-to-end and the fault suite 3x against local clusters)"
 	@echo "make bench  - verification endpoints vs a bare hyper server (ratios measured in one run)"
 	@echo "make crds   - regenerate crds/ from the Rust types"
 
@@ -29,7 +29,10 @@ e2e: tools
 	@$(STAGE) e2e-deps hack/ensure-deps nginx
 	@$(STAGE) e2e hack/e2e
 
-test: tools fmt-check clippy unit e2e
+faults: tools
+	@$(STAGE) faults env APITOKEN_FAULT_RUNS=3 hack/faults
+
+test: tools fmt-check clippy unit e2e faults
 	@echo "make test: all stages passed"
 
 crds:
@@ -60,5 +63,6 @@ bench-scale: tools
 
 ## Fault injection (API server stopped for 30 s). Kept out of `make test` for now: its recovery
 ## check after the restart passed in every local run but timed out once under CI load (issue 7).
+## The fault-injection suite once (make test runs it three times in a row).
 test-faults: tools
-	cargo test --locked --test faults_apiserver -- --nocapture
+	@hack/faults

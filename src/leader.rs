@@ -64,6 +64,23 @@ fn held_spec(s: &Settings, previous: Option<&LeaseSpec>, now: Timestamp) -> Leas
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+enum HoldError {
+    #[error(transparent)]
+    Api(#[from] kube::Error),
+    /// A partitioned network can leave a request hanging: the deadline must still be checked.
+    #[error("no answer from the API server within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// [`try_hold`], bounded by the retry interval.
+async fn try_hold_bounded(api: &Api<Lease>, s: &Settings) -> Result<bool, HoldError> {
+    match tokio::time::timeout(s.retry, try_hold(api, s)).await {
+        Ok(held) => Ok(held?),
+        Err(_) => Err(HoldError::TimedOut(s.retry)),
+    }
+}
+
 /// One attempt to take or renew the lease. `Ok(true)`: we hold it now.
 async fn try_hold(api: &Api<Lease>, s: &Settings) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
@@ -124,7 +141,7 @@ where
             if *shutdown.borrow() {
                 return;
             }
-            match try_hold(&api, &s).await {
+            match try_hold_bounded(&api, &s).await {
                 Ok(true) => break,
                 Ok(false) => {}
                 Err(e) => {
@@ -152,7 +169,7 @@ where
                 _ = shutdown.changed() => break true,
                 _ = &mut task => break false,
             }
-            match try_hold(&api, &s).await {
+            match try_hold_bounded(&api, &s).await {
                 Ok(true) => last_renewal = tokio::time::Instant::now(),
                 Ok(false) => {
                     warn!("leadership lost to another replica; stopping the controller");
@@ -173,7 +190,9 @@ where
         let _ = tokio::time::timeout(s.renew_deadline, &mut task).await;
         task.abort();
         if shutting_down || *shutdown.borrow() {
-            release(&api, &s).await;
+            if tokio::time::timeout(s.retry, release(&api, &s)).await.is_err() {
+                warn!("releasing the lease timed out; it expires on its own");
+            }
             return;
         }
     }

@@ -1,49 +1,22 @@
 //! Fault injection on a cluster of its own: the API server goes away for 30 s while traffic
 //! flows. Verification keeps answering from its index (expiry still enforced locally); when the
 //! server returns the index lists again and a revocation written then applies within seconds.
-//! Run with `make test-faults` (not part of `make test` until the recovery after a restart is
-//! understood: once, under CI load, it did not happen within 20 s).
+//! Part of the fault suite (`make test-faults`, run three times by `make test`).
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use apitoken_operator::api::ApiToken;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
-use support::operator::{Operator, free_port, install_crds_with};
-use support::{client_from, issued_token, repo_root, wait_for};
+use support::operator::Operator;
+use support::own_cluster::{OwnCluster, verify_status as verify};
+use support::{issued_token, wait_for};
 
 const T: Duration = Duration::from_secs(30);
-
-fn local_cluster(args: &[&str]) -> String {
-    let out = Command::new(repo_root().join("hack/local-cluster")).args(args).output().unwrap();
-    assert!(out.status.success(), "local-cluster {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn verify(base: &str, t: &str) -> u16 {
-    let out = Command::new("curl")
-        .args([
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "2",
-            "-X",
-            "POST",
-            &format!("{base}/v1/verify"),
-        ])
-        .args(["-d", &json!({"token": t}).to_string()])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0)
-}
 
 async fn apply(tokens: &Api<ApiToken>, name: &str, spec: Value) {
     let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": spec});
@@ -52,28 +25,11 @@ async fn apply(tokens: &Api<ApiToken>, name: &str, spec: Value) {
 
 #[tokio::test]
 async fn verification_survives_an_api_server_outage_and_catches_up() {
-    let name = format!("faults-{}", std::process::id());
-    local_cluster(&["up", &name, "--owner-pid", &std::process::id().to_string()]);
-    let env = local_cluster(&["env", &name]);
-    let kubeconfig: std::path::PathBuf =
-        env.lines().find_map(|l| l.strip_prefix("export KUBECONFIG=")).unwrap().into();
-    let admin = client_from(&kubeconfig).await;
-    install_crds_with(admin.clone()).await;
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "faults"}})).unwrap();
-    Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns).await.unwrap();
-    let mut op = Operator::start_on("faults", "controller,verify", &kubeconfig, free_port());
-    // This test polls an expired token from one address: keep the failure limiter out of it.
-    op.kill();
-    op.args.extend([
-        "--failures-per-second".into(),
-        "100000".into(),
-        "--failures-burst".into(),
-        "100000".into(),
-    ]);
-    op.restart();
+    let cluster = OwnCluster::up("faults", "", "faults").await;
+    let op = Operator::start_verifying_on("faults", &cluster.kubeconfig);
     let base = op.verify_url.clone().unwrap();
-    let tokens: Api<ApiToken> = Api::namespaced(admin.clone(), "faults");
-    let secrets: Api<Secret> = Api::namespaced(admin.clone(), "faults");
+    let tokens: Api<ApiToken> = Api::namespaced(cluster.admin.clone(), "faults");
+    let secrets: Api<Secret> = Api::namespaced(cluster.admin.clone(), "faults");
     apply(&tokens, "live", json!({})).await;
     apply(&tokens, "later", json!({})).await;
     apply(&tokens, "brief", json!({"lifetime": "20s", "rotation": {"enabled": false}})).await;
@@ -88,7 +44,7 @@ async fn verification_survives_an_api_server_outage_and_catches_up() {
     })
     .await;
 
-    local_cluster(&["stop-apiserver", &name]);
+    cluster.run("stop-apiserver");
     let down = Instant::now();
     let (mut answered, mut brief_refused_after_expiry) = (0, false);
     while down.elapsed() < Duration::from_secs(30) {
@@ -107,8 +63,8 @@ async fn verification_survives_an_api_server_outage_and_catches_up() {
     assert!(brief_refused_after_expiry, "the outage covered the expiry");
     println!("{answered} verifications answered during a 30s API server outage");
 
-    local_cluster(&["start-apiserver", &name]);
-    // The watch resumes: a revocation written now reaches the verifier within a second.
+    cluster.run("start-apiserver");
+    // The watch resumes: a revocation written now reaches the verifier within seconds.
     let revoked = wait_for("the API server to accept writes", T, || async {
         let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": "later"}, "spec": {"revoked": true}});
         tokens.patch("later", &PatchParams::apply("e2e-user").force(), &Patch::Apply(&body)).await.ok().map(|_| Instant::now())
@@ -128,5 +84,4 @@ async fn verification_survives_an_api_server_outage_and_catches_up() {
     let after = issued_token(&tokens, &secrets, "after", None).await;
     wait_for("the new token to verify", T, || async { (verify(&base, &after) == 200).then_some(()) }).await;
     drop(op);
-    local_cluster(&["down", &name]);
 }

@@ -1,6 +1,12 @@
 //! Prompt Secret removal when an ApiToken is deleted. The Secret's ownerReference makes the
 //! garbage collector remove it too, but the collector may take a while (it learns about a newly
 //! installed CRD only at its next discovery resync); this removes it as soon as the delete is seen.
+//!
+//! A delete that happens while the operator is down or cut off arrives as no event at all: the
+//! next list simply lacks the object. So after every (re-)list the managed Secrets are swept for
+//! owners that no longer exist.
+
+use std::collections::HashSet;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
@@ -22,41 +28,97 @@ pub async fn remove_secrets_of_deleted_tokens(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    // UIDs of the ApiTokens seen by the list in progress.
+    let mut listed: HashSet<String> = HashSet::new();
     let mut events = watcher(tokens, watcher::Config::default()).default_backoff().boxed();
     while let Some(event) = events.next().await {
-        if let Ok(watcher::Event::Delete(meta)) = &event {
-            metrics.forget_token(&(meta.namespace().unwrap_or_default(), meta.name_any()));
-        }
-        if let Ok(watcher::Event::Delete(meta)) = event
-            && let (Some(ns), Some(uid)) = (meta.namespace(), meta.uid())
-            && let Err(e) = remove_owned(&client, &ns, &meta.name_any(), &uid).await
-        {
-            warn!(namespace = ns, name = meta.name_any(), error = %e, "removing the Secret of a deleted ApiToken failed; the garbage collector will");
+        match event {
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitApply(meta)) => listed.extend(meta.uid()),
+            Ok(watcher::Event::InitDone) => {
+                if let Err(e) = sweep(&client, namespace.as_deref(), &listed).await {
+                    warn!(error = %e, "sweeping Secrets of deleted ApiTokens failed; the garbage collector will");
+                }
+                listed = HashSet::new();
+            }
+            Ok(watcher::Event::Delete(meta)) => {
+                metrics.forget_token(&(meta.namespace().unwrap_or_default(), meta.name_any()));
+                if let (Some(ns), Some(uid)) = (meta.namespace(), meta.uid())
+                    && let Err(e) = remove_owned(&client, &ns, &meta.name_any(), &uid).await
+                {
+                    warn!(namespace = ns, name = meta.name_any(), error = %e, "removing the Secret of a deleted ApiToken failed; the garbage collector will");
+                }
+            }
+            Ok(watcher::Event::Apply(_)) | Err(_) => {}
         }
     }
 }
 
-async fn remove_owned(client: &Client, ns: &str, name: &str, uid: &str) -> Result<(), kube::Error> {
-    let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(client.clone(), ns);
-    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{NAME_LABEL}={name}");
-    let plain: Api<Secret> = Api::namespaced(client.clone(), ns);
+/// The ApiToken that controls `secret`: (name, uid).
+fn controller_of(secret: &PartialObjectMeta<Secret>) -> Option<(String, String)> {
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "ApiToken")
+        .map(|o| (o.name.clone(), o.uid.clone()))
+}
+
+/// Removes managed Secrets whose ApiToken is gone. An owner missing from `listed` is looked up
+/// once more before anything is removed: it may have been created after the list.
+async fn sweep(
+    client: &Client,
+    namespace: Option<&str>,
+    listed: &HashSet<String>,
+) -> Result<(), kube::Error> {
+    let secrets: Api<Secret> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
     for s in secrets.list_metadata(&ListParams::default().labels(&selector)).await? {
-        let owned = s.owner_references().iter().any(|o| o.controller == Some(true) && o.uid == uid);
-        if owned {
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions { uid: s.uid(), resource_version: None }),
-                ..DeleteParams::background()
-            };
-            match plain.delete(&s.name_any(), &dp).await {
-                Ok(_) => info!(
-                    namespace = ns,
-                    secret = s.name_any(),
-                    "removed the Secret of deleted ApiToken {name}"
-                ),
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(e) => return Err(e),
-            }
+        let (Some((owner, uid)), Some(ns)) = (controller_of(&s), s.namespace()) else { continue };
+        if listed.contains(&uid) {
+            continue;
+        }
+        let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &ns);
+        if tokens.get_metadata_opt(&owner).await?.is_some_and(|t| t.uid() == Some(uid.clone())) {
+            continue;
+        }
+        delete_secret(client, &ns, &s, &owner).await?;
+    }
+    Ok(())
+}
+
+async fn remove_owned(client: &Client, ns: &str, name: &str, uid: &str) -> Result<(), kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY},{NAME_LABEL}={name}");
+    for s in secrets.list_metadata(&ListParams::default().labels(&selector)).await? {
+        if controller_of(&s).is_some_and(|(_, owner)| owner == uid) {
+            delete_secret(client, ns, &s, name).await?;
         }
     }
     Ok(())
+}
+
+/// Deletes exactly this Secret as it was listed (UID and resourceVersion preconditions: a Secret
+/// rewritten since, e.g. for a new ApiToken of the same name, stays); already gone is fine.
+async fn delete_secret(
+    client: &Client,
+    ns: &str,
+    s: &PartialObjectMeta<Secret>,
+    owner: &str,
+) -> Result<(), kube::Error> {
+    let plain: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions { uid: s.uid(), resource_version: s.resource_version() }),
+        ..DeleteParams::background()
+    };
+    match plain.delete(&s.name_any(), &dp).await {
+        Ok(_) => {
+            info!(namespace = ns, secret = s.name_any(), "removed the Secret of deleted ApiToken {owner}");
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }

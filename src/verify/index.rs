@@ -44,6 +44,10 @@ pub struct Entry {
 /// Entries for one ApiToken, as derived from the object.
 pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
     let Some(status) = &at.status else { return Vec::new() };
+    // Deleted (a finalizer of someone else's may keep the object a while): rejected at once.
+    if at.metadata.deletion_timestamp.is_some() {
+        return Vec::new();
+    }
     if matches!(status.phase, Some(Phase::Denied)) {
         return Vec::new();
     }
@@ -263,6 +267,17 @@ mod tests {
         index.finish_list();
         assert_eq!(index.len(), 1);
         assert!(index.is_ready());
+    }
+
+    #[test]
+    fn a_token_being_deleted_is_not_served() {
+        let index = Index::default();
+        let mut at = token("a", &h(1), Some(&h(2)));
+        index.upsert(&at);
+        assert_eq!(index.len(), 2);
+        at.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(50).unwrap()));
+        index.upsert(&at);
+        assert!(index.is_empty());
     }
 
     #[test]

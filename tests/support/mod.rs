@@ -9,6 +9,8 @@
 #![allow(dead_code)]
 
 pub mod operator;
+pub mod own_cluster;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -106,16 +106,28 @@ impl Operator {
     /// Starts the controller and the verification service (plain HTTP on a free loopback port).
     pub fn start_verifying(namespace: &str) -> Self {
         let mut op = Self::start_as_chart(namespace, "controller,verify", free_port());
-        // Tests poll with failing tokens from one address; the limiter has a test of its own.
-        op.kill();
-        op.args.extend([
+        op.without_failure_limits();
+        op
+    }
+
+    /// Controller and verification with `kubeconfig`, without failure limits.
+    pub fn start_verifying_on(namespace: &str, kubeconfig: &std::path::Path) -> Self {
+        let mut op = Self::start_on(namespace, "controller,verify", kubeconfig, free_port());
+        op.without_failure_limits();
+        op
+    }
+
+    /// Restarts with failure limits out of the way: tests poll with failing tokens from one
+    /// address (the limiter has a test of its own).
+    fn without_failure_limits(&mut self) {
+        self.kill();
+        self.args.extend([
             "--failures-per-second".into(),
             "100000".into(),
             "--failures-burst".into(),
             "100000".into(),
         ]);
-        op.restart();
-        op
+        self.restart();
     }
 
     /// Verification with the default failure limits.
@@ -153,7 +165,7 @@ impl Operator {
         let dir = std::env::temp_dir().join("apitoken-e2e-logs");
         std::fs::create_dir_all(&dir).unwrap();
         let n = LOG_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let log = dir.join(format!("{namespace}-{n}.log"));
+        let log = dir.join(format!("{namespace}-{}-{n}.log", std::process::id()));
         let _ = std::fs::remove_file(&log);
         let metrics = free_port();
         let args = vec![
