@@ -62,7 +62,7 @@ impl PolicyView {
         .touched_objects();
         let tokens =
             watcher(Api::<ApiToken>::all(client.clone()), watcher::Config::default()).default_backoff();
-        let sink = census.clone();
+        let (sink, mut building) = (census.clone(), CensusSink::default());
         let tx2 = tx.clone();
         let drive = async move {
             let policies = policy_events.for_each(|e| {
@@ -79,7 +79,7 @@ impl PolicyView {
                 async {}
             });
             let census_task = tokens.for_each(move |e| {
-                apply_census(&sink, e);
+                building.apply(&sink, e);
                 async {}
             });
             tokio::join!(policies, namespaces, census_task);
@@ -180,25 +180,71 @@ impl PolicyView {
     }
 }
 
-fn apply_census(
-    census: &RwLock<HashMap<(String, String), CensusEntry>>,
-    event: Result<watcher::Event<ApiToken>, watcher::Error>,
-) {
-    let entry = |at: &ApiToken| CensusEntry {
-        creator: at.annotations().get(CREATED_BY_ANNOTATION).cloned(),
-        active: is_active(at),
-    };
-    let key = |at: &ApiToken| (at.namespace().unwrap_or_default(), at.name_any());
-    let mut c = census.write().expect("census lock");
-    match event {
-        Ok(watcher::Event::Init) => c.clear(),
-        Ok(watcher::Event::InitApply(at) | watcher::Event::Apply(at)) => {
-            c.insert(key(&at), entry(&at));
+/// The census as it is, plus the one a (re-)list is building: quotas keep counting from the old
+/// one until the list is complete, so a re-list never opens a window with nothing counted.
+#[derive(Default)]
+struct CensusSink {
+    building: Option<HashMap<(String, String), CensusEntry>>,
+}
+
+impl CensusSink {
+    fn apply(
+        &mut self,
+        census: &RwLock<HashMap<(String, String), CensusEntry>>,
+        event: Result<watcher::Event<ApiToken>, watcher::Error>,
+    ) {
+        let entry = |at: &ApiToken| CensusEntry {
+            creator: at.annotations().get(CREATED_BY_ANNOTATION).cloned(),
+            active: is_active(at),
+        };
+        let key = |at: &ApiToken| (at.namespace().unwrap_or_default(), at.name_any());
+        match event {
+            Ok(watcher::Event::Init) => self.building = Some(HashMap::new()),
+            Ok(watcher::Event::InitApply(at)) => {
+                self.building.get_or_insert_default().insert(key(&at), entry(&at));
+            }
+            Ok(watcher::Event::InitDone) => {
+                *census.write().expect("census lock") = self.building.take().unwrap_or_default();
+            }
+            Ok(watcher::Event::Apply(at)) => {
+                census.write().expect("census lock").insert(key(&at), entry(&at));
+            }
+            Ok(watcher::Event::Delete(at)) => {
+                census.write().expect("census lock").remove(&key(&at));
+            }
+            Err(e) => warn!(error = %e, "ApiToken census watch failed; retrying"),
         }
-        Ok(watcher::Event::Delete(at)) => {
-            c.remove(&key(&at));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiTokenSpec;
+
+    fn token(name: &str) -> ApiToken {
+        let mut at = ApiToken::new(name, ApiTokenSpec::default());
+        at.metadata.namespace = Some("ns".into());
+        at
+    }
+
+    #[test]
+    fn a_relist_keeps_the_old_census_until_it_is_complete() {
+        let census = RwLock::new(HashMap::new());
+        let mut sink = CensusSink::default();
+        for e in [watcher::Event::Init, watcher::Event::InitApply(token("a")), watcher::Event::InitDone] {
+            sink.apply(&census, Ok(e));
         }
-        Ok(watcher::Event::InitDone) => {}
-        Err(e) => warn!(error = %e, "ApiToken census watch failed; retrying"),
+        sink.apply(&census, Ok(watcher::Event::Apply(token("b"))));
+        assert_eq!(census.read().unwrap().len(), 2);
+        // Re-list: until InitDone the quota still counts both.
+        sink.apply(&census, Ok(watcher::Event::Init));
+        sink.apply(&census, Ok(watcher::Event::InitApply(token("b"))));
+        assert_eq!(census.read().unwrap().len(), 2);
+        sink.apply(&census, Ok(watcher::Event::InitDone));
+        let now: Vec<_> = census.read().unwrap().keys().map(|(_, n)| n.clone()).collect();
+        assert_eq!(now, vec!["b".to_string()], "a is gone after the list");
+        sink.apply(&census, Ok(watcher::Event::Delete(token("b"))));
+        assert!(census.read().unwrap().is_empty());
     }
 }
