@@ -2,8 +2,10 @@
 //! baseline measured in the same run on the same local cluster — the same client writing the
 //! same number of ApiTokens, Secrets and status patches directly. Prints both times and their
 //! ratio, p99 time-to-Active, the operator's RSS, its API writes per token, and the time until its
-//! verification index holds every token.
-//! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32).
+//! verification index holds every token; then the API server is restarted to force every watch
+//! to list again, and the operator's peak RSS during that re-list is compared with its steady RSS.
+//! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32), BENCH_SCALE_KEEP_LOG
+//! (keep the operator's debug log in the temp directory).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -127,7 +129,7 @@ fn index_hashes(url: &str) -> u64 {
 }
 
 #[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
-async fn run_one(client: &Client, kubeconfig: &Path, n: usize, concurrency: usize) {
+async fn run_one(client: &Client, cluster: &str, kubeconfig: &Path, n: usize, concurrency: usize) {
     let (base_ns, op_ns) = (format!("base-{n}"), format!("op-{n}"));
     ns(client, &base_ns).await;
     ns(client, &op_ns).await;
@@ -200,6 +202,31 @@ async fn run_one(client: &Client, kubeconfig: &Path, n: usize, concurrency: usiz
         })
         .filter(|l| !l.contains("/events"))
         .count();
+    // Forced re-list: the API server restarts, every watch of the operator starts over with a
+    // full list. Peak RSS from then until the index has synced again and holds every token.
+    let offset = std::fs::metadata(&op.log).map_or(0, |m| m.len());
+    let synced_again = |log: &Path| {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(log).unwrap();
+        f.seek(std::io::SeekFrom::Start(offset)).unwrap();
+        let mut text = String::new();
+        let _ = f.read_to_string(&mut text);
+        text.contains("verification index synced")
+    };
+    sh("hack/local-cluster", &["stop-apiserver", cluster]);
+    sh("hack/local-cluster", &["start-apiserver", cluster]);
+    let relist = Instant::now();
+    let mut relist_peak = 0;
+    while !synced_again(&op.log) || index_hashes(&op.metrics) < n as u64 {
+        relist_peak = relist_peak.max(rss_kib(op.child.id()));
+        assert!(relist.elapsed() < Duration::from_secs(300), "no re-list within 5 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let relist_took = relist.elapsed();
+    for _ in 0..50 {
+        relist_peak = relist_peak.max(rss_kib(op.child.id()));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!("N = {n} (concurrency {concurrency})");
     println!("  baseline (same client: ApiToken + Secret + 2 status patches each): {base:.2?}");
     println!("  through the operator (apply ApiTokens, wait until all Active):     {with_operator:.2?}");
@@ -210,8 +237,17 @@ async fn run_one(client: &Client, kubeconfig: &Path, n: usize, concurrency: usiz
         steady as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
+    println!(
+        "  forced re-list (API server restart): index whole again in {relist_took:.2?}; peak RSS {:.1} MiB = {:.2} x steady",
+        relist_peak as f64 / 1024.0,
+        relist_peak as f64 / steady as f64
+    );
     println!("  API writes per token (operator, excluding Events) = {:.2}", writes as f64 / n as f64);
     println!("  verification index complete {:.2?} after the last token became Active", index_wait.elapsed());
+    // The debug log is large (about 6 KB per token); it was only needed for the counts above.
+    if std::env::var_os("BENCH_SCALE_KEEP_LOG").is_none() {
+        let _ = std::fs::remove_file(&op.log);
+    }
 }
 
 fn main() {
@@ -252,7 +288,7 @@ fn main() {
         config.read_timeout = Some(Duration::from_secs(60));
         let client = Client::try_from(config).unwrap();
         for n in sizes {
-            run_one(&client, &kubeconfig, n, concurrency).await;
+            run_one(&client, &name, &kubeconfig, n, concurrency).await;
         }
     });
     sh("hack/local-cluster", &["down", &name]);

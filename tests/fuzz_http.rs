@@ -1,6 +1,6 @@
 //! Property-based fuzzing of everything a client controls, in process (no cluster): the JSON
-//! verify body, the Authorization header and query of forward-auth, TokenReview bodies and
-//! AdmissionReview bodies. Whatever arrives, the answer is a 2xx or 4xx, never a 5xx or a panic,
+//! verify body, the Authorization header and query of forward-auth, and TokenReview bodies
+//! (AdmissionReview bodies: tests/fuzz_admission.rs). Whatever arrives, the answer is a 2xx or 4xx, never a 5xx or a panic,
 //! and no response echoes a token it was given. Bounded: a fixed number of cases per property.
 
 use std::net::SocketAddr;

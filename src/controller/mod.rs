@@ -21,7 +21,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::TryRngCore;
 use tracing::{debug, info, instrument, warn};
@@ -40,6 +40,8 @@ use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
 pub const MANAGER: &str = "apitoken-operator";
 /// How many plan steps one reconcile may carry out before handing back to the queue.
 const MAX_STEPS: usize = 8;
+/// kubectl's client-side-apply copy of the whole object.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 pub struct Context {
     pub client: Client,
@@ -76,7 +78,18 @@ pub async fn run(
     let ctx = Arc::new(Context::new(client.clone(), policies.clone(), metrics.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics);
-    let controller = Controller::new(tokens, watcher::Config::default().any_semantic())
+    // The controller's cache holds every ApiToken: keep it lean. managedFields and kubectl's
+    // last-applied annotation are most of an object's size and nothing here reads them.
+    let (store, writer) = reflector::store();
+    let objects = watcher(tokens, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|at: &mut ApiToken| {
+            at.metadata.managed_fields = None;
+            at.annotations_mut().remove(LAST_APPLIED);
+        })
+        .reflect(writer)
+        .touched_objects();
+    let controller = Controller::for_stream(objects, store)
         .owns(secrets, owned)
         // A policy or namespace label change re-evaluates every token.
         .reconcile_all_on(policies.changes())

@@ -109,11 +109,16 @@ pub fn generate<R: Rng + CryptoRng + ?Sized>(prefix: &str, rng: &mut R) -> Token
     for _ in 0..ID_LEN + SECRET_LEN {
         s.push(char::from(BASE62[rng.random_range(0..BASE62.len())]));
     }
-    let checksum = checksum(&s);
-    s.push_str(&checksum);
-    let plaintext = Plaintext(Zeroizing::new(s));
+    let plaintext = Plaintext(Zeroizing::new(sign(s)));
     let id = plaintext.expose()[prefix.len() + 1..][..ID_LEN].to_string();
     Token { display: display(&plaintext), hash: hash(plaintext.expose()), id, plaintext }
+}
+
+/// `unsigned` (prefix, underscore, id and secret) with its checksum appended.
+pub fn sign(mut unsigned: String) -> String {
+    let sum = checksum(&unsigned);
+    unsigned.push_str(&sum);
+    unsigned
 }
 
 /// CRC32 of `s`, base62, zero-padded to six characters.

@@ -195,6 +195,69 @@ mod tests {
         assert!(run(&k, &[], Some("anyone"), Some(good), 0).is_ok(), "an unbound token accepts any audience");
     }
 
+    /// Verification time must not tell a guesser how much of a token is right. By construction
+    /// it cannot: the index is keyed by SHA-256 of the whole token, so a guess that shares all
+    /// but one character with a real token hashes to an unrelated digest, and no secret is
+    /// compared character by character. This measures it: guesses one character off real
+    /// tokens vs guesses sharing nothing, both with valid checksums (an attacker can compute
+    /// those), interleaved in batches; the medians of the batch times must agree within 25%.
+    /// Both classes do identical work, so the expected difference is zero; the tolerance only
+    /// absorbs noise, and any shortcut for near misses (e.g. a prefix index) would exceed it.
+    #[test]
+    fn time_does_not_depend_on_how_much_of_a_guess_is_right() {
+        use std::collections::HashMap;
+        use std::time::Instant;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let real: Vec<String> =
+            (0..2_000).map(|_| token::generate("apitok", &mut rng).plaintext.expose().to_string()).collect();
+        let index: HashMap<Digest, Entry> = real
+            .iter()
+            .map(|t| (Sha256::digest(t.as_bytes()).into(), entry(&["a:read"], &[], None, false)))
+            .collect();
+        let near: Vec<String> = real
+            .iter()
+            .map(|t| {
+                let unsigned = &t[..t.len() - token::CHECKSUM_LEN];
+                let (head, last) = unsigned.split_at(unsigned.len() - 1);
+                token::sign(format!("{head}{}", if last == "x" { "y" } else { "x" }))
+            })
+            .collect();
+        let far: Vec<String> =
+            (0..2_000).map(|_| token::generate("apitok", &mut rng).plaintext.expose().to_string()).collect();
+        let batch = |guesses: &[String]| {
+            let start = Instant::now();
+            for g in guesses {
+                let req = Request { token: g, scopes: &[], audiences: &[] };
+                let r = decide(&req, |d| index.get(d).cloned(), t(0));
+                assert!(matches!(r, Err(Denial::Unknown)));
+            }
+            start.elapsed().as_secs_f64() * 1e9
+        };
+        let (mut near_ns, mut far_ns) = (Vec::new(), Vec::new());
+        for round in 0..60 {
+            for chunk in 0..4 {
+                let r = chunk * 500..(chunk + 1) * 500;
+                if round % 2 == 0 {
+                    near_ns.push(batch(&near[r.clone()]));
+                    far_ns.push(batch(&far[r]));
+                } else {
+                    far_ns.push(batch(&far[r.clone()]));
+                    near_ns.push(batch(&near[r]));
+                }
+            }
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_unstable_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (n, f) = (median(&mut near_ns), median(&mut far_ns));
+        let ratio = n / f;
+        println!(
+            "median per 500 guesses: one character off {n:.0} ns, nothing right {f:.0} ns, ratio {ratio:.3}"
+        );
+        assert!((0.75..=1.0 / 0.75).contains(&ratio), "timing depends on the guess: ratio {ratio:.3}");
+    }
+
     #[test]
     fn codes_and_reasons() {
         assert_eq!((Denial::Unknown.status(), Denial::Unknown.reason()), (401, "unknown"));
