@@ -8,6 +8,8 @@
 //! proves robustness against input, not the ceiling (tests/e2e_policy.rs proves that against the
 //! real API server).
 
+mod support;
+
 use std::net::SocketAddr;
 
 use apitoken_operator::admission::{AdmissionState, router};
@@ -18,6 +20,7 @@ use axum::http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use serde_json::{Value, json};
+use support::fuzz_cases;
 use tower::ServiceExt;
 
 /// Answers every call: SubjectAccessReviews allowed, lists empty.
@@ -112,7 +115,7 @@ fn check(status: StatusCode, text: &str) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: fuzz_cases(300), ..ProptestConfig::default() })]
 
     #[test]
     fn webhooks_never_fail_on_an_arbitrary_api_token(

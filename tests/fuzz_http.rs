@@ -3,6 +3,8 @@
 //! (AdmissionReview bodies: tests/fuzz_admission.rs). Whatever arrives, the answer is a 2xx or 4xx, never a 5xx or a panic,
 //! and no response echoes a token it was given. Bounded: a fixed number of cases per property.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
+use support::fuzz_cases;
 use tower::ServiceExt;
 
 fn app() -> axum::Router {
@@ -56,7 +59,7 @@ fn jsonish() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: fuzz_cases(400), ..ProptestConfig::default() })]
 
     #[test]
     fn verify_never_fails_on_input(body in jsonish()) {

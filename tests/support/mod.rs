@@ -184,3 +184,9 @@ pub async fn issued_token(
     })
     .await
 }
+
+/// Cases per property-based fuzz target: `default` in `make test`; `APITOKEN_FUZZ_CASES` for a
+/// longer session.
+pub fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("APITOKEN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
