@@ -19,6 +19,9 @@ use tracing::{info, warn};
 use super::secret::{MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL};
 use crate::api::ApiToken;
 
+/// Secrets per page when sweeping.
+const SWEEP_PAGE: u32 = 500;
+
 pub async fn remove_secrets_of_deleted_tokens(
     client: Client,
     namespace: Option<String>,
@@ -75,18 +78,27 @@ async fn sweep(
         None => Api::all(client.clone()),
     };
     let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    for s in secrets.list_metadata(&ListParams::default().labels(&selector)).await? {
-        let (Some((owner, uid)), Some(ns)) = (controller_of(&s), s.namespace()) else { continue };
-        if listed.contains(&uid) {
-            continue;
+    // In pages: one list of every managed Secret's metadata was most of the operator's peak
+    // memory at 10,000 tokens (heaptrack).
+    let mut page = ListParams::default().labels(&selector).limit(SWEEP_PAGE);
+    loop {
+        let list = secrets.list_metadata(&page).await?;
+        for s in &list.items {
+            let (Some((owner, uid)), Some(ns)) = (controller_of(s), s.namespace()) else { continue };
+            if listed.contains(&uid) {
+                continue;
+            }
+            let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &ns);
+            if tokens.get_metadata_opt(&owner).await?.is_some_and(|t| t.uid() == Some(uid.clone())) {
+                continue;
+            }
+            delete_secret(client, &ns, s, &owner).await?;
         }
-        let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &ns);
-        if tokens.get_metadata_opt(&owner).await?.is_some_and(|t| t.uid() == Some(uid.clone())) {
-            continue;
+        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(next) => page = page.continue_token(&next),
+            None => return Ok(()),
         }
-        delete_secret(client, &ns, &s, &owner).await?;
     }
-    Ok(())
 }
 
 async fn remove_owned(client: &Client, ns: &str, name: &str, uid: &str) -> Result<(), kube::Error> {
