@@ -6,6 +6,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod backoff;
 pub mod cli;
 pub mod controller;
 pub mod core;

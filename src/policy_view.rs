@@ -52,16 +52,16 @@ impl PolicyView {
             pw,
             watcher(Api::<ApiTokenPolicy>::all(client.clone()), watcher::Config::default()),
         )
-        .default_backoff()
+        .backoff(crate::backoff::Bounded::watches())
         .touched_objects();
         let ns_events = reflector::reflector(
             nw,
             watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
         )
-        .default_backoff()
+        .backoff(crate::backoff::Bounded::watches())
         .touched_objects();
-        let tokens =
-            watcher(Api::<ApiToken>::all(client.clone()), watcher::Config::default()).default_backoff();
+        let tokens = watcher(Api::<ApiToken>::all(client.clone()), watcher::Config::default())
+            .backoff(crate::backoff::Bounded::watches());
         let (sink, mut building) = (census.clone(), CensusSink::default());
         let tx2 = tx.clone();
         let drive = async move {

@@ -33,7 +33,8 @@ pub async fn remove_secrets_of_deleted_tokens(
     };
     // UIDs of the ApiTokens seen by the list in progress.
     let mut listed: HashSet<String> = HashSet::new();
-    let mut events = watcher(tokens, watcher::Config::default()).default_backoff().boxed();
+    let mut events =
+        watcher(tokens, watcher::Config::default()).backoff(crate::backoff::Bounded::watches()).boxed();
     while let Some(event) = events.next().await {
         match event {
             Ok(watcher::Event::Init) => listed.clear(),

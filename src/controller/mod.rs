@@ -86,7 +86,7 @@ pub async fn run(
     let (store, writer) = reflector::store();
     // Paginated lists (the default), not one response holding every object (`any_semantic`).
     let objects = watcher(tokens, watcher::Config::default())
-        .default_backoff()
+        .backoff(crate::backoff::Bounded::watches())
         .modify(|at: &mut ApiToken| {
             at.metadata.managed_fields = None;
             at.annotations_mut().remove(LAST_APPLIED);
@@ -95,6 +95,7 @@ pub async fn run(
         .touched_objects();
     let controller = Controller::for_stream(objects, store)
         .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
+        .trigger_backoff(crate::backoff::Bounded::watches())
         .owns(secrets, owned)
         // A policy or namespace label change re-evaluates every token.
         .reconcile_all_on(policies.changes())

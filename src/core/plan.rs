@@ -431,22 +431,22 @@ mod tests {
         assert_eq!(c.expires_at, Some(t(7200)));
     }
 
+    /// Issued at 0; at 5 a trigger rotation is written to the status and the operator dies
+    /// before the Secret write (the Secret still holds the first token).
+    fn staged_but_undelivered(n: &mut u64) -> (Desired, Current, SecretState) {
+        let mut d = desired(3600, None, 60);
+        let (mut c, mut s) = (Current::default(), SecretState::Missing);
+        settle(&d, &mut c, &mut s, t(0), n);
+        d.trigger = Some("1".into());
+        let lost = Minted { hash: "sha256:lost".into(), id: "x".into(), display: String::new() };
+        let c = next_state(&Action::Rotate(RotateReason::Trigger), &d, &c, s, t(5), Some(lost));
+        (d, c, SecretState::Previous)
+    }
+
     #[test]
     fn interrupted_rotation_replaces_the_undelivered_token_without_counting() {
-        let mut d = desired(3600, None, 60);
-        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
-        settle(&d, &mut c, &mut s, t(0), &mut n);
-        d.trigger = Some("1".into());
-        // The status is written, then the operator dies before the Secret write.
-        c = next_state(
-            &Action::Rotate(RotateReason::Trigger),
-            &d,
-            &c,
-            s,
-            t(5),
-            Some(Minted { hash: "sha256:lost".into(), id: "x".into(), display: String::new() }),
-        );
-        s = SecretState::Previous;
+        let mut n = 0;
+        let (d, mut c, mut s) = staged_but_undelivered(&mut n);
         assert_eq!(settle(&d, &mut c, &mut s, t(6), &mut n), vec![Action::Recover]);
         assert_eq!(c.rotation_count, 1);
         assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"));
@@ -455,20 +455,8 @@ mod tests {
 
     #[test]
     fn a_new_trigger_after_an_undelivered_rotation_keeps_the_token_consumers_hold() {
-        let mut d = desired(3600, None, 60);
-        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
-        settle(&d, &mut c, &mut s, t(0), &mut n);
-        d.trigger = Some("1".into());
-        // Rotation staged in the status; the operator dies before the Secret write.
-        c = next_state(
-            &Action::Rotate(RotateReason::Trigger),
-            &d,
-            &c,
-            s,
-            t(5),
-            Some(Minted { hash: "sha256:lost".into(), id: "x".into(), display: String::new() }),
-        );
-        s = SecretState::Previous;
+        let mut n = 0;
+        let (mut d, mut c, mut s) = staged_but_undelivered(&mut n);
         // Meanwhile the trigger changes again.
         d.trigger = Some("2".into());
         assert_eq!(settle(&d, &mut c, &mut s, t(6), &mut n), vec![Action::Rotate(RotateReason::Trigger)]);

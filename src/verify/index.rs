@@ -169,29 +169,6 @@ impl Index {
     }
 }
 
-/// Reconnects fast (200 ms doubling to at most 1 s): after an API server outage, revocations
-/// must reach the verifier within a second of the server's return, not after a long backoff.
-#[derive(Debug, Default)]
-pub struct QuickBackoff {
-    next: std::time::Duration,
-}
-
-impl Iterator for QuickBackoff {
-    type Item = std::time::Duration;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let min = std::time::Duration::from_millis(200);
-        self.next = (self.next * 2).clamp(min, std::time::Duration::from_secs(1));
-        Some(self.next)
-    }
-}
-
-impl kube::runtime::utils::Backoff for QuickBackoff {
-    fn reset(&mut self) {
-        self.next = std::time::Duration::ZERO;
-    }
-}
-
 /// Keeps `index` in step with the ApiTokens the client can see, forever.
 ///
 /// After any watch error the watch is not resumed from its old resourceVersion but started over
@@ -203,7 +180,12 @@ pub async fn run_watch(client: Client, namespace: Option<String>, index: Index) 
         Some(ns) => Api::namespaced(client, ns),
         None => Api::all(client),
     };
-    let mut backoff = QuickBackoff::default();
+    // Reconnects fast (200 ms doubling to at most 1 s): after an API server outage, revocations
+    // must reach the verifier within a second of the server's return, not after a long backoff.
+    let mut backoff = crate::backoff::Bounded::new(
+        std::time::Duration::from_millis(200),
+        std::time::Duration::from_secs(1),
+    );
     loop {
         let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
         while let Some(event) = events.next().await {
