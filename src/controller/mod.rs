@@ -326,10 +326,12 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         current_name,
         noncompliance,
     } = o;
+    // The status that records `c`, everything else as observed.
+    let status_of =
+        |c: &Current| build_status(obj, &status, &desired, c, now, &wanted_name, noncompliance.as_deref());
     match action {
         Action::Wait { until } => {
-            let new_status =
-                build_status(obj, &status, &desired, &current, now, &wanted_name, noncompliance.as_deref());
+            let new_status = status_of(&current);
             if new_status == status {
                 // Nothing to write (e.g. after a restart): the gauges still learn the token.
                 let expires = current.expires_at.map(Timestamp::as_second);
@@ -351,8 +353,8 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             Ok(Step::Done(until))
         }
         Action::Issue | Action::Rotate(_) | Action::Recover if noncompliance.is_some() => {
-            let message = noncompliance.unwrap_or_default();
-            deny(obj, ctx, &tokens, &secrets, &status, &message).await?;
+            let message = noncompliance.as_deref().unwrap_or_default();
+            deny(obj, ctx, &tokens, &secrets, &status, message).await?;
             Ok(Step::Done(None))
         }
         Action::Issue | Action::Rotate(_) | Action::Recover => {
@@ -362,8 +364,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 Minted { hash: minted.hash.clone(), id: minted.id.clone(), display: minted.display.clone() };
             let next = plan::next_state(&action, &desired, &current, state, now, Some(m));
             // Status first: every verifier accepts the new hash before anyone can read the token.
-            let new_status =
-                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref());
+            let new_status = status_of(&next);
             let updated = write_status(&ctx.metrics, &tokens, obj, new_status).await?;
             write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await?;
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
@@ -389,8 +390,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::UpdateMetadata => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let new_status =
-                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref());
+            let new_status = status_of(&next);
             let updated = if new_status == status {
                 obj.clone()
             } else {
@@ -414,13 +414,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(
-                &ctx.metrics,
-                &tokens,
-                obj,
-                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
-            )
-            .await?;
+            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
             publish(
                 ctx,
                 obj,
@@ -433,13 +427,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         Action::Expire | Action::Revoke => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(
-                &ctx.metrics,
-                &tokens,
-                obj,
-                build_status(obj, &status, &desired, &next, now, &wanted_name, noncompliance.as_deref()),
-            )
-            .await?;
+            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
