@@ -12,6 +12,7 @@ pub mod controller;
 pub mod core;
 pub mod leader;
 pub mod metrics;
+pub mod policy_status;
 pub mod policy_view;
 pub mod run;
 pub mod verify;

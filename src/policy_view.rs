@@ -7,14 +7,15 @@ use std::sync::{Arc, RwLock};
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::core::{PartialObjectMeta, Selector, SelectorExt};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tracing::warn;
 
-use crate::api::{ApiToken, ApiTokenPolicy, Phase};
-use crate::core::policy::{Counts, Policy, PolicyInput};
+use crate::api::{ApiToken, ApiTokenPolicy, ApiTokenPolicyStatus, Phase, SELECTOR_OPERATORS};
+use crate::core::policy::{self, Counts, Policy, PolicyInput, is_label_key, is_label_name};
 
 /// Annotation the mutating webhook sets to the requesting user on create.
 pub const CREATED_BY_ANNOTATION: &str = "apitoken.dev/created-by";
@@ -23,6 +24,8 @@ pub const CREATED_BY_ANNOTATION: &str = "apitoken.dev/created-by";
 struct CensusEntry {
     creator: Option<String>,
     active: bool,
+    /// The ApiToken's labels, for `maxActiveTokens.perLabel` (usually none or a few).
+    labels: BTreeMap<String, String>,
 }
 
 /// Does this token count against quotas? Everything not revoked, expired or refused.
@@ -38,6 +41,8 @@ pub struct PolicyView {
     namespaces: Store<PartialObjectMeta<Namespace>>,
     census: Arc<RwLock<HashMap<(String, String), CensusEntry>>>,
     changed: tokio::sync::broadcast::Sender<()>,
+    /// Bumped on every event of any watch (policy status included): for the status writer.
+    touched: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyView {
@@ -47,13 +52,13 @@ impl PolicyView {
         let (namespaces, nw) = reflector::store();
         let census = Arc::new(RwLock::new(HashMap::new()));
         let (tx, _) = tokio::sync::broadcast::channel::<()>(16);
+        let (touched, _) = tokio::sync::watch::channel(0u64);
         let changed = tx.clone();
         let policy_events = reflector::reflector(
             pw,
             watcher(Api::<ApiTokenPolicy>::all(client.clone()), watcher::Config::default()),
         )
-        .backoff(crate::backoff::Bounded::watches())
-        .touched_objects();
+        .backoff(crate::backoff::Bounded::watches());
         let ns_events = reflector::reflector(
             nw,
             watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
@@ -64,30 +69,61 @@ impl PolicyView {
             .backoff(crate::backoff::Bounded::watches());
         let (sink, mut building) = (census.clone(), CensusSink::default());
         let tx2 = tx.clone();
+        let (touch1, touch2, touch3) = (touched.clone(), touched.clone(), touched.clone());
+        let bump = |t: &tokio::sync::watch::Sender<u64>| t.send_modify(|n| *n = n.wrapping_add(1));
+        // Generations seen: a status write (ours) must not re-evaluate every token.
+        let mut generations: HashMap<String, Option<i64>> = HashMap::new();
         let drive = async move {
-            let policies = policy_events.for_each(|e| {
-                if let Err(e) = e {
-                    warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
+            let policies = policy_events.for_each(move |e| {
+                let spec_changed = match &e {
+                    Ok(watcher::Event::Apply(p)) => {
+                        generations.insert(p.name_any(), p.metadata.generation) != Some(p.metadata.generation)
+                    }
+                    Ok(watcher::Event::InitApply(p)) => {
+                        generations.insert(p.name_any(), p.metadata.generation);
+                        false
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        generations.remove(&p.name_any());
+                        true
+                    }
+                    Ok(watcher::Event::InitDone) => true,
+                    Ok(watcher::Event::Init) => false,
+                    Err(e) => {
+                        warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
+                        true
+                    }
+                };
+                if spec_changed {
+                    let _ = tx.send(());
                 }
-                let _ = tx.send(());
+                bump(&touch1);
                 async {}
             });
-            let namespaces = ns_events.for_each(|e| {
+            let namespaces = ns_events.for_each(move |e| {
                 if e.is_ok() {
                     let _ = tx2.send(());
+                    bump(&touch2);
                 }
                 async {}
             });
             let census_task = tokens.for_each(move |e| {
                 building.apply(&sink, e);
+                bump(&touch3);
                 async {}
             });
             tokio::join!(policies, namespaces, census_task);
         };
-        (Self { policies, namespaces, census, changed }, drive)
+        (Self { policies, namespaces, census, changed, touched }, drive)
     }
 
-    /// Yields whenever a policy or a namespace's labels change (for re-evaluating tokens).
+    /// Changes whenever anything watched changes (policies and their status, namespaces,
+    /// tokens): for the policy status writer.
+    pub fn touched(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.touched.subscribe()
+    }
+
+    /// Yields whenever a policy's spec or a namespace's labels change (for re-evaluating tokens).
     pub fn changes(&self) -> impl Stream<Item = ()> + Send + 'static {
         futures::stream::unfold(self.changed.subscribe(), |mut rx| async move {
             match rx.recv().await {
@@ -111,73 +147,217 @@ impl PolicyView {
         }
     }
 
-    fn ns_labels(&self, ns: &str) -> BTreeMap<String, String> {
-        self.namespaces
-            .state()
-            .into_iter()
-            .find(|n| n.name_any() == ns)
-            .map(|n| n.labels().clone())
-            .unwrap_or_default()
-    }
-
-    fn selects(p: &ApiTokenPolicy, labels: &BTreeMap<String, String>) -> bool {
-        match &p.spec.namespace_selector {
-            None => true,
-            Some(sel) => Selector::try_from(sel.clone()).is_ok_and(|s| s.matches(labels)),
-        }
+    /// Every namespace's labels, by name.
+    fn all_ns_labels(&self) -> HashMap<String, BTreeMap<String, String>> {
+        self.namespaces.state().iter().map(|n| (n.name_any(), n.labels().clone())).collect()
     }
 
     /// The parsed policies selecting `namespace`, in name order, and the quota counts for each
-    /// (excluding the token `exclude`). A policy that cannot be parsed is an error for every
-    /// token it selects: nothing is issued against a policy nobody can read.
+    /// (excluding the token `exclude`, whose labels are taken from the census). A policy that
+    /// cannot be parsed is an error for every token it selects: nothing is issued against a
+    /// policy nobody can read.
     pub fn for_namespace(
         &self,
         namespace: &str,
         creator: Option<&str>,
         exclude: Option<&str>,
     ) -> Result<(Vec<Policy>, Vec<Counts>), String> {
-        let labels = self.ns_labels(namespace);
-        let mut selecting: Vec<Arc<ApiTokenPolicy>> =
-            self.policies.state().into_iter().filter(|p| Self::selects(p, &labels)).collect();
-        selecting.sort_by_key(|p| p.name_any());
+        let labels = exclude.and_then(|name| {
+            let census = self.census.read().expect("census lock");
+            census.get(&(namespace.to_string(), name.to_string())).map(|e| e.labels.clone())
+        });
+        self.for_token(namespace, creator, exclude, labels.as_ref())
+    }
+
+    /// As [`Self::for_namespace`], for the token `name` with the labels `labels` (what it is
+    /// about to have: admission passes the object under review).
+    pub fn for_token(
+        &self,
+        namespace: &str,
+        creator: Option<&str>,
+        name: Option<&str>,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Result<(Vec<Policy>, Vec<Counts>), String> {
+        let ns_labels = self.all_ns_labels();
+        let empty = BTreeMap::new();
+        let labels_of = |ns: &str| ns_labels.get(ns).unwrap_or(&empty);
+        let mut candidates: Vec<Arc<ApiTokenPolicy>> = self.policies.state();
+        candidates.sort_by_key(|p| p.name_any());
+        let mut selecting = Vec::new();
+        for p in candidates {
+            // Fail closed: a selector that cannot be evaluated selects every namespace.
+            let selector = selector_of(&p).ok();
+            if selector.as_ref().is_none_or(|s| s.as_ref().is_none_or(|s| s.matches(labels_of(namespace)))) {
+                selecting.push((p, selector.flatten()));
+            }
+        }
         let census = self.census.read().expect("census lock");
         let mut policies = Vec::with_capacity(selecting.len());
         let mut counts = Vec::with_capacity(selecting.len());
-        for p in &selecting {
-            let name = p.name_any();
-            let s = &p.spec;
-            policies.push(Policy::parse(&PolicyInput {
-                name: &name,
-                allowed_scopes: s.allowed_scopes.as_deref(),
-                permission_sets: &s.permission_sets,
-                default_lifetime: s.lifetime.default.as_deref(),
-                max_lifetime: s.lifetime.max.as_deref(),
-                allow_never: s.lifetime.allow_never,
-                per_namespace: s.max_active_tokens.per_namespace,
-                per_creator: s.max_active_tokens.per_creator,
-                max_grace_period: s.rotation.max_grace_period.as_deref(),
-                prefix: s.prefix.as_deref(),
-                require_audiences: s.require_audiences,
-            })?);
+        for (p, selector) in &selecting {
+            let parsed = parse(p).map_err(|problems| {
+                format!(
+                    "ApiTokenPolicy {} cannot be applied, so it refuses every token it may select until it is fixed: {problems}",
+                    p.name_any()
+                )
+            })?;
+            let selects = |ns: &str| selector.as_ref().is_none_or(|s| s.matches(labels_of(ns)));
+            let label =
+                parsed.per_label.as_ref().and_then(|q| Some((q.label.as_str(), labels?.get(&q.label)?)));
             let mut c = Counts::default();
-            for ((ns, name), e) in census.iter() {
-                if !e.active || (ns == namespace && Some(name.as_str()) == exclude) {
+            let mut by_label = 0;
+            for ((ns, token), e) in census.iter() {
+                if !e.active || (ns == namespace && Some(token.as_str()) == name) {
                     continue;
                 }
                 if ns == namespace {
                     c.in_namespace += 1;
                 }
-                if creator.is_some()
-                    && e.creator.as_deref() == creator
-                    && Self::selects(p, &self.ns_labels(ns))
-                {
-                    c.by_creator += 1;
+                let same_creator = creator.is_some() && e.creator.as_deref() == creator;
+                let same_label = label.is_some_and(|(k, v)| e.labels.get(k) == Some(v));
+                if (same_creator || same_label) && selects(ns) {
+                    c.by_creator += u32::from(same_creator);
+                    by_label += u32::from(same_label);
                 }
             }
+            c.by_label = label.map(|(_, v)| (v.clone(), by_label));
             counts.push(c);
+            policies.push(parsed);
         }
         Ok((policies, counts))
     }
+
+    /// What each policy selects now and whether it can be applied, with its current status.
+    pub fn report(&self) -> Vec<PolicyReport> {
+        let namespaces = self.namespaces.state();
+        let mut tokens_in: HashMap<&str, u32> = HashMap::new();
+        let census = self.census.read().expect("census lock");
+        for (ns, _) in census.keys() {
+            *tokens_in.entry(ns.as_str()).or_default() += 1;
+        }
+        let mut out: Vec<PolicyReport> = self
+            .policies
+            .state()
+            .iter()
+            .map(|p| {
+                let problems = parse(p).err();
+                let selector = selector_of(p).ok().flatten();
+                let (mut ns_count, mut tokens) = (0, 0);
+                for n in &namespaces {
+                    if selector.as_ref().is_none_or(|s| s.matches(n.labels())) {
+                        ns_count += 1;
+                        tokens += tokens_in.get(n.name_any().as_str()).copied().unwrap_or(0);
+                    }
+                }
+                PolicyReport {
+                    name: p.name_any(),
+                    generation: p.metadata.generation,
+                    problems,
+                    namespaces: ns_count,
+                    tokens,
+                    current: p.status.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// One policy as the status writer sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyReport {
+    pub name: String,
+    pub generation: Option<i64>,
+    /// Why the policy cannot be applied, if it cannot.
+    pub problems: Option<String>,
+    pub namespaces: u32,
+    pub tokens: u32,
+    pub current: Option<ApiTokenPolicyStatus>,
+}
+
+/// The raw fields of a policy, for [`Policy::parse`] and [`policy::check`].
+fn input(p: &ApiTokenPolicy) -> PolicyInput<'_> {
+    let s = &p.spec;
+    PolicyInput {
+        name: p.metadata.name.as_deref().unwrap_or_default(),
+        allowed_scopes: s.allowed_scopes.as_deref(),
+        permission_sets: &s.permission_sets,
+        default_lifetime: s.lifetime.default.as_deref(),
+        max_lifetime: s.lifetime.max.as_deref(),
+        allow_never: s.lifetime.allow_never,
+        per_namespace: s.max_active_tokens.per_namespace,
+        per_creator: s.max_active_tokens.per_creator,
+        per_label: s.max_active_tokens.per_label.as_ref().map(|q| (q.label.as_str(), q.max)),
+        max_grace_period: s.rotation.max_grace_period.as_deref(),
+        prefix: s.prefix.as_deref(),
+        require_audiences: s.require_audiences,
+    }
+}
+
+/// Every problem of a policy (selector and fields), each `field: what is wrong`.
+pub fn problems(p: &ApiTokenPolicy) -> Vec<String> {
+    let mut out = selector_of(p).err().unwrap_or_default();
+    out.extend(policy::check(&input(p)));
+    out
+}
+
+/// The policy parsed, or every problem in one sentence.
+fn parse(p: &ApiTokenPolicy) -> Result<Policy, String> {
+    let problems = problems(p);
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    Policy::parse(&input(p))
+}
+
+/// The policy's namespace selector (`None`: every namespace), or why it cannot be evaluated.
+fn selector_of(p: &ApiTokenPolicy) -> Result<Option<Selector>, Vec<String>> {
+    match &p.spec.namespace_selector {
+        None => Ok(None),
+        Some(sel) => parse_selector(sel).map(Some),
+    }
+}
+
+/// A label selector checked the way the API server checks one (keys, values, operators and
+/// their values), then converted; every problem is reported.
+pub fn parse_selector(sel: &LabelSelector) -> Result<Selector, Vec<String>> {
+    let mut out = Vec::new();
+    for (k, v) in sel.match_labels.iter().flatten() {
+        if !is_label_key(k) {
+            out.push(format!("namespaceSelector.matchLabels: '{k}' is not a label key"));
+        }
+        if !is_label_name(v, true) {
+            out.push(format!("namespaceSelector.matchLabels.{k}: '{v}' is not a label value"));
+        }
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let at = format!("namespaceSelector.matchExpressions[{i}]");
+        if !is_label_key(&e.key) {
+            out.push(format!("{at}.key: '{}' is not a label key", e.key));
+        }
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" | "NotIn" if values.is_empty() => {
+                out.push(format!("{at}.values: operator {} needs at least one value", e.operator));
+            }
+            "Exists" | "DoesNotExist" if !values.is_empty() => {
+                out.push(format!("{at}.values: operator {} takes no values", e.operator));
+            }
+            op if !SELECTOR_OPERATORS.contains(&op) => out.push(format!(
+                "{at}.operator: '{op}' is not an operator; use {}",
+                SELECTOR_OPERATORS.join(", ")
+            )),
+            _ => {}
+        }
+        for v in values.iter().filter(|v| !is_label_name(v, true)) {
+            out.push(format!("{at}.values: '{v}' is not a label value"));
+        }
+    }
+    if !out.is_empty() {
+        return Err(out);
+    }
+    Selector::try_from(sel.clone()).map_err(|e| vec![format!("namespaceSelector: {e}")])
 }
 
 /// The census as it is, plus the one a (re-)list is building: quotas keep counting from the old
@@ -196,6 +376,7 @@ impl CensusSink {
         let entry = |at: &ApiToken| CensusEntry {
             creator: at.annotations().get(CREATED_BY_ANNOTATION).cloned(),
             active: is_active(at),
+            labels: at.labels().clone(),
         };
         let key = |at: &ApiToken| (at.namespace().unwrap_or_default(), at.name_any());
         match event {
@@ -226,6 +407,56 @@ mod tests {
         let mut at = ApiToken::new(name, ApiTokenSpec::default());
         at.metadata.namespace = Some("ns".into());
         at
+    }
+
+    fn selector(v: serde_json::Value) -> LabelSelector {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_selector_that_cannot_be_evaluated_says_why() {
+        let bad = selector(serde_json::json!({
+            "matchLabels": {"tier": "prod!"},
+            "matchExpressions": [
+                {"key": "team", "operator": "Equals", "values": ["a"]},
+                {"key": "env", "operator": "In"},
+                {"key": "-x", "operator": "Exists", "values": ["y"]},
+            ]
+        }));
+        let problems = parse_selector(&bad).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "namespaceSelector.matchLabels.tier: 'prod!' is not a label value",
+                "namespaceSelector.matchExpressions[0].operator: 'Equals' is not an operator; use In, NotIn, Exists, DoesNotExist",
+                "namespaceSelector.matchExpressions[1].values: operator In needs at least one value",
+                "namespaceSelector.matchExpressions[2].key: '-x' is not a label key",
+                "namespaceSelector.matchExpressions[2].values: operator Exists takes no values",
+            ]
+        );
+        let good = selector(serde_json::json!({
+            "matchLabels": {"tier": "prod"},
+            "matchExpressions": [{"key": "team", "operator": "NotIn", "values": ["a"]}, {"key": "x", "operator": "Exists"}]
+        }));
+        let s = parse_selector(&good).unwrap();
+        let labels = |v: &[(&str, &str)]| v.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
+        assert!(s.matches(&labels(&[("tier", "prod"), ("team", "b"), ("x", "")])));
+        assert!(!s.matches(&labels(&[("tier", "prod"), ("team", "a"), ("x", "")])));
+    }
+
+    #[test]
+    fn a_policy_problem_names_selector_and_fields() {
+        let mut p = ApiTokenPolicy::new("org", crate::api::ApiTokenPolicySpec::default());
+        assert!(problems(&p).is_empty());
+        p.spec.lifetime.max = Some("0d".into());
+        p.spec.namespace_selector = Some(selector(
+            serde_json::json!({"matchExpressions": [{"key": "t", "operator": "in", "values": ["a"]}]}),
+        ));
+        let text = problems(&p).join("; ");
+        assert!(
+            text.contains("matchExpressions[0].operator: 'in'") && text.contains("lifetime.max: '0d'"),
+            "{text}"
+        );
     }
 
     #[test]

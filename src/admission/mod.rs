@@ -1,6 +1,8 @@
 //! Admission webhooks (design §6): the mutating one records the creator; the validating one
 //! enforces the scope ceiling (one SubjectAccessReview per scope for the requesting user), every
-//! ApiTokenPolicy and the quotas, and refuses with every violation in one message.
+//! ApiTokenPolicy and the quotas, and refuses with every violation in one message. Policy never
+//! blocks an update that grants nothing (metadata only, or revoking): revocation only takes
+//! rights away. A third webhook refuses ApiTokenPolicies that could not be applied.
 
 pub mod certs;
 
@@ -21,11 +23,11 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::api::ApiToken;
+use crate::api::{ApiToken, ApiTokenPolicy};
 use crate::core::desired::{SpecInput, Violation};
 use crate::core::policy::{self, Ask};
 use crate::core::scope::Scope;
-use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
+use crate::policy_view::{self, CREATED_BY_ANNOTATION, PolicyView};
 
 /// The API group scopes are checked in (design §6).
 pub const SCOPES_GROUP: &str = "scopes.apitoken.dev";
@@ -46,13 +48,17 @@ pub fn router(state: AdmissionState) -> Router {
     Router::new()
         .route("/admission/mutate", post(mutate))
         .route("/admission/validate", post(validate))
+        .route("/admission/validate-policy", post(validate_policy))
         .with_state(Arc::new(state))
 }
 
-fn parse(body: &Bytes) -> Result<AdmissionRequest<ApiToken>, Box<Response>> {
+fn parse<K: kube::Resource + serde::de::DeserializeOwned>(
+    body: &Bytes,
+    kind: &str,
+) -> Result<AdmissionRequest<K>, Box<Response>> {
     let bad = |m: String| Box::new((StatusCode::BAD_REQUEST, m).into_response());
-    let review: AdmissionReview<ApiToken> = serde_json::from_slice(body).map_err(|e| {
-        bad(format!("not an AdmissionReview for ApiToken (line {}, column {})", e.line(), e.column()))
+    let review: AdmissionReview<K> = serde_json::from_slice(body).map_err(|e| {
+        bad(format!("not an AdmissionReview for {kind} (line {}, column {})", e.line(), e.column()))
     })?;
     review.try_into().map_err(|_| bad("the AdmissionReview has no request".into()))
 }
@@ -62,7 +68,7 @@ fn respond(resp: AdmissionResponse) -> Response {
 }
 
 async fn mutate(body: Bytes) -> Response {
-    let req = match parse(&body) {
+    let req = match parse::<ApiToken>(&body, "ApiToken") {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -86,7 +92,7 @@ async fn mutate(body: Bytes) -> Response {
 }
 
 async fn validate(State(state): State<Arc<AdmissionState>>, body: Bytes) -> Response {
-    let req = match parse(&body) {
+    let req = match parse::<ApiToken>(&body, "ApiToken") {
         Ok(r) => r,
         Err(r) => return *r,
     };
@@ -139,6 +145,10 @@ async fn review(state: &AdmissionState, req: &AdmissionRequest<ApiToken>, obj: &
         _ => {}
     }
 
+    if !may_grant(req.operation.clone(), old, obj) {
+        return v;
+    }
+
     // Policies and quotas.
     let creator = created.clone().unwrap_or_else(|| user.clone());
     let becomes_active =
@@ -155,8 +165,9 @@ async fn review(state: &AdmissionState, req: &AdmissionRequest<ApiToken>, obj: &
         scopes: &spec.scopes,
         prefix: spec.prefix.as_deref(),
     };
+    let name = obj.name_any();
     let (policies, counts) =
-        match state.policies.for_namespace(&namespace, Some(&creator), Some(&obj.name_any())) {
+        match state.policies.for_token(&namespace, Some(&creator), Some(&name), Some(obj.labels())) {
             Ok(pc) => pc,
             Err(e) => {
                 v.push(Violation { field: "ApiTokenPolicy", message: e });
@@ -182,6 +193,48 @@ async fn review(state: &AdmissionState, req: &AdmissionRequest<ApiToken>, obj: &
     let added: Vec<String> = wanted.into_iter().filter(|s| !had.contains(s)).collect();
     v.append(&mut ceiling(state, req, &namespace, &added).await);
     v
+}
+
+/// Could this request grant anything? A create does; an update only when its spec changes in
+/// some other way than `revoked: false -> true`. Metadata (the rotate annotation, labels,
+/// finalizers) and revocation are never refused by policy or quota: a token a tightened policy
+/// made non-compliant must stay revocable and rotatable (the controller decides about rotation).
+fn may_grant(operation: Operation, old: Option<&ApiToken>, new: &ApiToken) -> bool {
+    match (operation, old) {
+        (Operation::Update, Some(old)) => {
+            let mut revoked_old = old.spec.clone();
+            revoked_old.revoked = true;
+            old.spec != new.spec && !(new.spec.revoked && revoked_old == new.spec)
+        }
+        _ => true,
+    }
+}
+
+async fn validate_policy(body: Bytes) -> Response {
+    let req = match parse::<ApiTokenPolicy>(&body, "ApiTokenPolicy") {
+        Ok(r) => r,
+        Err(r) => return *r,
+    };
+    let resp = AdmissionResponse::from(&req);
+    if !matches!(req.operation, Operation::Create | Operation::Update) {
+        return respond(resp);
+    }
+    let Some(obj) = req.object.as_ref() else { return respond(resp) };
+    let problems = policy_view::problems(obj);
+    if problems.is_empty() {
+        return respond(resp);
+    }
+    let message = format!(
+        "ApiTokenPolicy {} refused: {} (a policy that cannot be applied would refuse every token it selects)",
+        obj.name_any(),
+        problems.join("; ")
+    );
+    info!(
+        name = obj.name_any(),
+        user = req.user_info.username.as_deref().unwrap_or(""),
+        "admission denied: {message}"
+    );
+    respond(resp.deny(message))
 }
 
 /// One SubjectAccessReview per added scope, in parallel and bounded; any doubt refuses.
@@ -250,4 +303,44 @@ async fn ceiling(
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::ApiTokenSpec;
+
+    fn token(f: impl FnOnce(&mut ApiToken)) -> ApiToken {
+        let mut at = ApiToken::new(
+            "t",
+            ApiTokenSpec { scopes: vec!["metrics:read".into()], ..ApiTokenSpec::default() },
+        );
+        f(&mut at);
+        at
+    }
+
+    #[test]
+    fn only_a_spec_change_that_could_grant_is_reviewed_by_policy() {
+        let old = token(|_| {});
+        let upd = |new: &ApiToken| may_grant(Operation::Update, Some(&old), new);
+        assert!(may_grant(Operation::Create, None, &old));
+        // Metadata only: the rotate annotation, labels, finalizers.
+        assert!(!upd(&token(|t| {
+            t.annotations_mut().insert("apitoken.dev/rotate".into(), "now".into());
+            t.labels_mut().insert("team".into(), "a".into());
+            t.finalizers_mut().push("x".into());
+        })));
+        // Revoking.
+        assert!(!upd(&token(|t| t.spec.revoked = true)));
+        // Revoking plus any other change, an edit, or un-revoking: reviewed.
+        assert!(upd(&token(|t| {
+            t.spec.revoked = true;
+            t.spec.lifetime = Some("400d".into());
+        })));
+        assert!(upd(&token(|t| t.spec.rotation.trigger = Some("2".into()))));
+        let revoked = token(|t| t.spec.revoked = true);
+        assert!(may_grant(Operation::Update, Some(&revoked), &old));
+        // An update without the old object is reviewed.
+        assert!(may_grant(Operation::Update, None, &old));
+    }
 }

@@ -9,6 +9,7 @@ use jiff::SignedDuration;
 use super::desired::{Limits, SpecInput, Violation, validate};
 use super::lifetime::{format_duration, parse_duration};
 use super::plan::Desired;
+use super::scope::Scope;
 
 /// One ApiTokenPolicy, parsed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,9 +22,17 @@ pub struct Policy {
     pub allow_never: bool,
     pub per_namespace: Option<u32>,
     pub per_creator: Option<u32>,
+    pub per_label: Option<LabelQuota>,
     pub max_grace_period: Option<SignedDuration>,
     pub prefix: Option<String>,
     pub require_audiences: bool,
+}
+
+/// At most `max` active tokens per value of the label `label` on the ApiToken.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LabelQuota {
+    pub label: String,
+    pub max: u32,
 }
 
 /// Raw policy fields as written (strings), for [`Policy::parse`].
@@ -37,38 +46,127 @@ pub struct PolicyInput<'a> {
     pub allow_never: bool,
     pub per_namespace: Option<u32>,
     pub per_creator: Option<u32>,
+    /// `(label key, max)` of `maxActiveTokens.perLabel`.
+    pub per_label: Option<(&'a str, u32)>,
     pub max_grace_period: Option<&'a str>,
     pub prefix: Option<&'a str>,
     pub require_audiences: bool,
 }
 
 impl Policy {
-    /// Parses a policy; a policy whose durations do not parse is reported, not ignored.
+    /// Parses a policy; every problem is reported (in one message naming the policy and each
+    /// field), never ignored: a policy nobody can read refuses the tokens it selects.
     pub fn parse(p: &PolicyInput<'_>) -> Result<Self, String> {
-        let dur = |field: &str, v: Option<&str>| {
-            v.map(parse_duration).transpose().map_err(|e| format!("ApiTokenPolicy {}: {field}: {e}", p.name))
-        };
+        let problems = check(p);
+        if !problems.is_empty() {
+            return Err(format!("ApiTokenPolicy {}: {}", p.name, problems.join("; ")));
+        }
+        let dur = |v: Option<&str>| v.and_then(|v| parse_duration(v).ok());
         Ok(Self {
             name: p.name.to_string(),
             allowed_scopes: p.allowed_scopes.map(<[String]>::to_vec),
             permission_sets: p.permission_sets.clone(),
-            default_lifetime: dur("lifetime.default", p.default_lifetime)?,
-            max_lifetime: dur("lifetime.max", p.max_lifetime)?,
+            default_lifetime: dur(p.default_lifetime),
+            max_lifetime: dur(p.max_lifetime),
             allow_never: p.allow_never,
             per_namespace: p.per_namespace,
             per_creator: p.per_creator,
-            max_grace_period: dur("rotation.maxGracePeriod", p.max_grace_period)?,
+            per_label: p.per_label.map(|(label, max)| LabelQuota { label: label.into(), max }),
+            max_grace_period: dur(p.max_grace_period),
             prefix: p.prefix.map(Into::into),
             require_audiences: p.require_audiences,
         })
     }
 }
 
+/// Every problem of a policy as written, each `field: what is wrong`, in field order. The
+/// schema refuses most of these already; this also covers policies stored before it did.
+pub fn check(p: &PolicyInput<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dur = |field: &str, v: Option<&str>| match v.map(parse_duration) {
+        Some(Err(e)) => {
+            out.push(format!("{field}: {e}"));
+            None
+        }
+        d => d.and_then(Result::ok),
+    };
+    let default = dur("lifetime.default", p.default_lifetime);
+    let max = dur("lifetime.max", p.max_lifetime);
+    dur("rotation.maxGracePeriod", p.max_grace_period);
+    if let (Some(d), Some(m)) = (default, max)
+        && d > m
+    {
+        out.push(format!(
+            "lifetime.default: {} is longer than lifetime.max {}",
+            format_duration(d),
+            format_duration(m)
+        ));
+    }
+    for (set, scopes) in p.permission_sets {
+        if !is_dns_subdomain(set) {
+            out.push(format!(
+                "permissionSets: '{set}' is not a valid name (lower-case letters, digits, '-' and '.', as tokens name it in spec.permissionSets)"
+            ));
+        }
+        for s in scopes {
+            if let Err(e) = s.parse::<Scope>() {
+                out.push(format!("permissionSets.{set}: {e}"));
+            }
+        }
+    }
+    if let Some((label, _)) = p.per_label
+        && !is_label_key(label)
+    {
+        out.push(format!(
+            "maxActiveTokens.perLabel.label: '{label}' is not a label key (e.g. team or example.com/team)"
+        ));
+    }
+    out
+}
+
+fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// A Kubernetes object name (what `spec.permissionSets` of a token accepts).
+pub fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// A label name, or label value when `allow_empty` (at most 63 characters of `[A-Za-z0-9-_.]`,
+/// alphanumeric at both ends).
+pub fn is_label_name(s: &str, allow_empty: bool) -> bool {
+    let b = s.as_bytes();
+    if b.is_empty() {
+        return allow_empty;
+    }
+    b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A label key: `[prefix/]name`, the prefix a DNS subdomain.
+pub fn is_label_key(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name, false),
+        None => is_label_name(s, false),
+    }
+}
+
 /// Active tokens already counted against a policy's quotas (excluding the one evaluated).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
     pub in_namespace: u32,
     pub by_creator: u32,
+    /// For `perLabel`: the token's value of the label and the active tokens sharing it; `None`
+    /// when the policy has no such quota or the token does not carry the label.
+    pub by_label: Option<(String, u32)>,
 }
 
 /// What the token asks for besides the lifecycle fields in [`SpecInput`].
@@ -229,6 +327,14 @@ pub fn evaluate(ask: &Ask<'_>, policies: &[Policy], counts: &[Counts]) -> Result
                     message: format!("{} already holds {} active tokens, the limit of ApiTokenPolicy {} is {max}; revoke or delete one first", ask.creator.unwrap_or("the creator"), c.by_creator, p.name),
                 });
             }
+            if let (Some(q), Some((value, n))) = (&p.per_label, &c.by_label)
+                && *n >= q.max
+            {
+                v.push(Violation {
+                    field: "maxActiveTokens.perLabel",
+                    message: format!("{n} active tokens already carry the label {}={value}, the limit of ApiTokenPolicy {} is {}; revoke or delete one first", q.label, p.name, q.max),
+                });
+            }
         }
     }
     match desired {
@@ -308,7 +414,7 @@ mod tests {
         b.require_audiences = true;
         b.per_creator = Some(5);
         let s = vec!["metrics:read".to_string(), "pipeline:write".to_string()];
-        let counts = [Counts::default(), Counts { in_namespace: 9, by_creator: 5 }];
+        let counts = [Counts::default(), Counts { in_namespace: 9, by_creator: 5, ..Counts::default() }];
         let v = evaluate(&ask(&s, Some("45d")), &[a.clone(), b.clone()], &counts).unwrap_err();
         let text = describe(&v);
         assert!(
@@ -351,9 +457,96 @@ mod tests {
         let mut a = policy("a");
         a.allow_never = true;
         let b = policy("b");
-        let v = evaluate(&ask(&[], Some("never")), &[a.clone(), b], &[Counts::default(); 2]).unwrap_err();
+        let v = evaluate(&ask(&[], Some("never")), &[a.clone(), b], &[Counts::default(), Counts::default()])
+            .unwrap_err();
         assert!(describe(&v).contains("lifetime.allowNever"));
         assert!(evaluate(&ask(&[], Some("never")), &[a], &[Counts::default()]).is_ok());
+    }
+
+    fn input<'a>(name: &'a str, sets: &'a BTreeMap<String, Vec<String>>) -> PolicyInput<'a> {
+        PolicyInput {
+            name,
+            allowed_scopes: None,
+            permission_sets: sets,
+            default_lifetime: None,
+            max_lifetime: None,
+            allow_never: false,
+            per_namespace: None,
+            per_creator: None,
+            per_label: None,
+            max_grace_period: None,
+            prefix: None,
+            require_audiences: false,
+        }
+    }
+
+    #[test]
+    fn a_policy_that_cannot_work_is_refused_with_every_reason() {
+        let mut sets = BTreeMap::new();
+        sets.insert("Read Only".to_string(), vec!["metrics:read".to_string(), "metrics".to_string()]);
+        let mut p = input("org", &sets);
+        p.max_lifetime = Some("0d");
+        p.default_lifetime = Some("30d");
+        p.max_grace_period = Some("1y");
+        p.per_label = Some(("-team", 3));
+        let err = Policy::parse(&p).unwrap_err();
+        for part in [
+            "ApiTokenPolicy org: ",
+            "lifetime.max: '0d' must be longer than zero",
+            "rotation.maxGracePeriod: '1y' is not a duration",
+            "permissionSets: 'Read Only' is not a valid name",
+            "permissionSets.Read Only: 'metrics' is not a scope",
+            "maxActiveTokens.perLabel.label: '-team' is not a label key",
+        ] {
+            assert!(err.contains(part), "{part} in {err}");
+        }
+        let sets = BTreeMap::new();
+        let mut p = input("org", &sets);
+        p.default_lifetime = Some("90d");
+        p.max_lifetime = Some("30d");
+        assert_eq!(
+            Policy::parse(&p).unwrap_err(),
+            "ApiTokenPolicy org: lifetime.default: 90d is longer than lifetime.max 30d"
+        );
+        p.default_lifetime = Some("30d");
+        p.per_label = Some(("example.com/team", 3));
+        let ok = Policy::parse(&p).unwrap();
+        assert_eq!(ok.max_lifetime, Some(SignedDuration::from_hours(30 * 24)));
+        assert_eq!(ok.per_label, Some(LabelQuota { label: "example.com/team".into(), max: 3 }));
+    }
+
+    #[test]
+    fn label_key_and_name_grammar() {
+        for good in ["team", "app.kubernetes.io/instance", "a", "A_b.c-9"] {
+            assert!(is_label_key(good), "{good}");
+        }
+        for bad in ["", "-a", "a-", "Example.com/x", "a/b/c", "x/", "/x", &"a".repeat(64)] {
+            assert!(!is_label_key(bad), "{bad}");
+        }
+        assert!(is_label_name("", true) && !is_label_name("", false));
+        assert!(is_dns_subdomain("read-only") && !is_dns_subdomain("Read-only"));
+    }
+
+    #[test]
+    fn the_per_label_quota_counts_per_value_and_ignores_unlabelled_tokens() {
+        let mut p = policy("gitops");
+        p.per_label = Some(LabelQuota { label: "team".into(), max: 2 });
+        let s = vec!["metrics:read".to_string()];
+        let full = Counts { by_label: Some(("payments".into(), 2)), ..Counts::default() };
+        let text =
+            describe(&evaluate(&ask(&s, None), std::slice::from_ref(&p), &[full.clone()]).unwrap_err());
+        assert_eq!(
+            text,
+            "maxActiveTokens.perLabel: 2 active tokens already carry the label team=payments, the limit of ApiTokenPolicy gitops is 2; revoke or delete one first"
+        );
+        let room = Counts { by_label: Some(("search".into(), 1)), ..Counts::default() };
+        assert!(evaluate(&ask(&s, None), std::slice::from_ref(&p), &[room]).is_ok());
+        // Not labelled: this quota does not count it.
+        assert!(evaluate(&ask(&s, None), std::slice::from_ref(&p), &[Counts::default()]).is_ok());
+        // An edit of an active token is not re-counted.
+        let mut edit = ask(&s, None);
+        edit.counts_against_quota = false;
+        assert!(evaluate(&edit, &[p], &[full]).is_ok());
     }
 
     fn arb_policy() -> impl Strategy<Value = Policy> {

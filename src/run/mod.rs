@@ -11,6 +11,7 @@ use crate::cli::{Component, LogFormat, RunArgs};
 use crate::controller;
 use crate::leader;
 use crate::metrics::Metrics;
+use crate::policy_status;
 use crate::policy_view::PolicyView;
 use crate::verify::{self, http::AppState, index::Index, limiter::FailureLimiter};
 use anyhow::Context as _;
@@ -152,10 +153,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             let stop = stop_tx.subscribe();
             let for_work = client.clone();
             let metrics = metrics.clone();
+            // The policy status writer runs beside the controller, on the leader only.
             graceful.spawn(leader::run(client, settings, stop, move |until| {
-                controller::run(for_work.clone(), namespace.clone(), view.clone(), metrics.clone(), until)
+                let until = futures::FutureExt::shared(until);
+                let statuses = policy_status::run(for_work.clone(), view.clone(), until.clone());
+                let tokens = controller::run(
+                    for_work.clone(),
+                    namespace.clone(),
+                    view.clone(),
+                    metrics.clone(),
+                    until,
+                );
+                async move {
+                    tokio::join!(tokens, statuses);
+                }
             }));
         } else {
+            graceful.spawn(policy_status::run(client.clone(), view.clone(), stopped()));
             graceful.spawn(controller::run(client, namespace, view, metrics.clone(), stopped()));
         }
     }
