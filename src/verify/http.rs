@@ -83,19 +83,22 @@ pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>) -> Router 
         )
 }
 
+const RATE_LIMITED: &str = "too many failed verifications from this client; retry later";
+
 impl AppState {
-    /// 429 for a client that is over its failure quota.
-    fn gate(&self, client: IpAddr) -> Option<Response> {
+    /// Seconds to wait (at least 1) while `client` is over its failure quota.
+    fn blocked_for(&self, client: IpAddr) -> Option<u64> {
         let wait = self.limiter.blocked(client)?;
         self.metrics.rate_limited.inc();
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let body = json!({"valid": false, "reason": "rate_limited", "message": "too many failed verifications from this client; retry later"});
+        Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
+    }
+
+    /// 429 for a client that is over its failure quota (forward-auth answers 401 instead).
+    fn gate(&self, client: IpAddr) -> Option<Response> {
+        let secs = self.blocked_for(client)?;
+        let body = json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED});
         Some(
-            (
-                StatusCode::TOO_MANY_REQUESTS,
-                [(header::RETRY_AFTER, secs.max(1).to_string())],
-                axum::Json(body),
-            )
+            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, secs.to_string())], axum::Json(body))
                 .into_response(),
         )
     }
@@ -207,7 +210,8 @@ fn status(d: &Denial) -> StatusCode {
     if d.status() == 403 { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED }
 }
 
-/// RFC 6750 challenge; `description` and `scope` are our own words, never client input.
+/// RFC 6750 challenge; `description` and `scope` are our own words, never client input. Characters
+/// RFC 6750 does not allow in these values (quotes, backslashes, non-ASCII) are left out.
 fn challenge(error: Option<&str>, description: Option<&str>, scope: Option<&str>) -> HeaderValue {
     let mut v = String::from("Bearer realm=\"apitoken\"");
     for (key, value) in [("error", error), ("error_description", description), ("scope", scope)] {
@@ -215,11 +219,85 @@ fn challenge(error: Option<&str>, description: Option<&str>, scope: Option<&str>
             v.push_str(", ");
             v.push_str(key);
             v.push_str("=\"");
-            v.push_str(value);
+            v.extend(value.chars().filter(|c| matches!(c, ' '..='~') && !matches!(c, '"' | '\\')));
             v.push('"');
         }
     }
     HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"apitoken\""))
+}
+
+/// A forward-auth refusal. nginx `auth_request` passes on 401 and 403 only and turns any other
+/// status into a 500 for the end user, so `/v1/auth` answers nothing else: a malformed request,
+/// 400 in RFC 6750, is a 401 with `error="invalid_request"` here.
+fn auth_refusal(forbidden: bool, challenge: HeaderValue, body: serde_json::Value) -> Response {
+    let status = if forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+    (status, [(header::WWW_AUTHENTICATE, challenge)], axum::Json(body)).into_response()
+}
+
+/// 401 `invalid_request`: `message` (our own words, ASCII) says what is wrong with the request.
+fn invalid_request(message: &str) -> Response {
+    auth_refusal(
+        false,
+        challenge(Some("invalid_request"), Some(message), None),
+        json!({"valid": false, "reason": "invalid_request", "message": message}),
+    )
+}
+
+/// Why the Authorization header yields no Bearer token.
+enum NoBearer {
+    Missing,
+    OtherScheme,
+    Invalid(&'static str),
+}
+
+impl NoBearer {
+    fn refusal(&self) -> Response {
+        // RFC 6750 3.1: a request without credentials (or with another scheme) gets the challenge
+        // alone, no error code; the body says what to send.
+        let plain = |reason: &str, message: &str| {
+            auth_refusal(
+                false,
+                challenge(None, None, None),
+                json!({"valid": false, "reason": reason, "message": message}),
+            )
+        };
+        match self {
+            NoBearer::Missing => plain("missing_token", "send Authorization: Bearer <token>"),
+            NoBearer::OtherScheme => plain(
+                "unsupported_scheme",
+                "the Authorization scheme is not Bearer; send Authorization: Bearer <token>",
+            ),
+            NoBearer::Invalid(message) => invalid_request(message),
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`. RFC 7235: the scheme is case-insensitive and
+/// separated from the credentials by one or more spaces.
+fn bearer_token(headers: &HeaderMap) -> Result<&str, NoBearer> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let value = values.next().map(HeaderValue::as_bytes).unwrap_or_default();
+    if values.next().is_some() {
+        return Err(NoBearer::Invalid("send one Authorization header, not several"));
+    }
+    if value.is_empty() {
+        return Err(NoBearer::Missing);
+    }
+    let (scheme, rest) = match value.iter().position(|b| *b == b' ') {
+        Some(i) => (&value[..i], &value[i + 1..]),
+        None => (value, &[][..]),
+    };
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return Err(NoBearer::OtherScheme);
+    }
+    let Some(rest) = std::str::from_utf8(rest).ok().filter(|r| r.is_ascii()) else {
+        return Err(NoBearer::Invalid("the Authorization header has bytes outside ASCII"));
+    };
+    let token = rest.trim_matches([' ', '\t']);
+    if token.is_empty() {
+        return Err(NoBearer::Invalid("the Bearer token is empty; send Authorization: Bearer <token>"));
+    }
+    Ok(token)
 }
 
 async fn auth(
@@ -228,51 +306,49 @@ async fn auth(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(r) = s.gate(peer.ip()) {
-        return r;
+    if let Some(secs) = s.blocked_for(peer.ip()) {
+        // 429 would be the code, but nginx makes a 500 of it. 401 invalid_token (the credentials
+        // are refused for now) with Retry-After, rather than 403, which here means "a valid token
+        // lacking a scope or audience" and would send people looking for a permission problem.
+        let mut resp = auth_refusal(
+            false,
+            challenge(Some("invalid_token"), Some(RATE_LIMITED), None),
+            json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED}),
+        );
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
     }
     let params: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
         Ok(p) => p,
-        Err(_) => return bad_request("the query string is not valid (expected scope=…&audience=…)"),
+        Err(_) => {
+            return invalid_request(
+                "the query string is not valid URL encoding (expected scope=...&audience=...)",
+            );
+        }
     };
-    let header_str = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let raw_scopes = params
-        .iter()
-        .filter(|(k, _)| k == "scope")
-        .map(|(_, v)| v.as_str())
-        .chain(header_str("x-required-scopes"));
+    // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
+    let mut header_scopes = Vec::new();
+    for v in headers.get_all("x-required-scopes") {
+        match v.to_str() {
+            Ok(v) => header_scopes.push(v),
+            Err(_) => return invalid_request("the X-Required-Scopes header has bytes outside ASCII"),
+        }
+    }
+    let raw_scopes =
+        params.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).chain(header_scopes);
     let scopes = match parse_scopes(raw_scopes) {
         Ok(s) => s,
-        Err(m) => return bad_request(&m),
+        Err(m) => return invalid_request(&m),
     };
-    let audience = params
-        .iter()
-        .find(|(k, _)| k == "audience")
-        .map(|(_, v)| v.as_str())
-        .or_else(|| header_str("x-token-audience"));
-    let token = match headers.get(header::AUTHORIZATION) {
-        None => {
-            let body = json!({"valid": false, "reason": "missing_token", "message": "send Authorization: Bearer <token>"});
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, challenge(None, None, None))],
-                axum::Json(body),
-            )
-                .into_response();
-        }
-        Some(v) => match v
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        {
-            Some(t) => t.trim(),
-            None => {
-                let body = json!({"valid": false, "reason": "invalid_request", "message": "the Authorization header must be 'Bearer <token>'"});
-                let h = challenge(Some("invalid_request"), Some("expected a Bearer token"), None);
-                return (StatusCode::BAD_REQUEST, [(header::WWW_AUTHENTICATE, h)], axum::Json(body))
-                    .into_response();
-            }
-        },
+    let header_audience = match headers.get("x-token-audience").map(HeaderValue::to_str) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(_)) => return invalid_request("the X-Token-Audience header has bytes outside ASCII"),
+    };
+    let audience = params.iter().find(|(k, _)| k == "audience").map(|(_, v)| v.as_str()).or(header_audience);
+    let token = match bearer_token(&headers) {
+        Ok(t) => t,
+        Err(no) => return no.refusal(),
     };
     let audiences: Vec<&str> = audience.into_iter().collect();
     let request = Request { token, scopes: &scopes, audiences: &audiences };
@@ -303,7 +379,7 @@ async fn auth(
                 }
                 other => challenge(Some("invalid_token"), Some(other.reason()), None),
             };
-            (status(&d), [(header::WWW_AUTHENTICATE, h)], axum::Json(denial_body(&d))).into_response()
+            auth_refusal(d.status() == 403, h, denial_body(&d))
         }
     }
 }
