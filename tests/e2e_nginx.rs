@@ -180,9 +180,18 @@ async fn nginx_auth_request_passes_200_401_and_403_through_never_500() {
         let r = get(&url, &[format!("Authorization: {scheme}{reader}").as_bytes()]);
         assert_eq!(r.code, 200, "{scheme:?}: {}", r.headers);
     }
-    // The client's own X-Required-Scopes does not reach /v1/auth (the example clears it).
+    // Only Authorization reaches /v1/auth: not the client's own X-Required-Scopes, nor more
+    // headers than the verifier's HTTP server takes (100; it would answer 431, a 500 here).
     let r = get(&url, &[&bearer(&reader), b"X-Required-Scopes: Bad Scope"]);
     assert_eq!(r.code, 200, "{}", r.headers);
+    let many: Vec<Vec<u8>> = (0..120).map(|i| format!("X-Client-{i}: x").into_bytes()).collect();
+    let with_many = |auth: Vec<u8>| {
+        let mut h: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
+        h.push(&auth);
+        get(&url, &h).code
+    };
+    assert_eq!(with_many(bearer(&reader)), 200, "120 client headers");
+    assert_eq!(with_many(bearer(&writer)), 403, "120 client headers");
 
     // Refusals: the status and the one challenge reach the client; never a 500.
     let refused = |r: &Reply, code: u16, challenge: &str, what: &str| {
