@@ -1,71 +1,195 @@
-//! `kubectl apitoken`: the token page in the terminal.
+//! `kubectl apitoken`: the token page in the terminal. User guide: docs/kubectl-plugin.md.
 //!
-//!   kubectl apitoken create NAME --scope metrics:read [--lifetime 30d] [--audience a]
+//!   kubectl apitoken create NAME --scope metrics:read [--permission-set read-only] [--lifetime 30d]
 //!   kubectl apitoken list [-A] [--phase Active] [-o json|yaml]
+//!   kubectl apitoken describe NAME
 //!   kubectl apitoken rotate NAME
 //!   kubectl apitoken revoke NAME
+//!   kubectl apitoken regenerate NAME
 //!   kubectl apitoken reveal NAME
+//!   kubectl apitoken delete NAME
+//!
+//! A token's plaintext goes to stdout only, and only from `create`, `regenerate` and `reveal`;
+//! everything else a person reads goes to stderr.
 
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use apitoken_operator::api::{ApiToken, ApiTokenStatus, Phase, ROTATE_ANNOTATION};
-use apitoken_operator::core::token;
-use clap::{Parser, Subcommand, ValueEnum};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client, ResourceExt};
+use apitoken_operator::api::{ApiToken, ApiTokenSpec, ApiTokenStatus, Phase, ROTATE_ANNOTATION};
+use apitoken_operator::core::token::{self, Plaintext};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
 use serde_json::json;
 
+/// Field manager of the plugin's writes.
+const MANAGER: &str = "kubectl-apitoken";
+/// How often a wait looks at the ApiToken again.
+const POLL: Duration = Duration::from_millis(200);
+/// Ready=False reasons with which the operator says it will not issue the current spec.
+const FAILURE_REASONS: [&str; 4] = ["SecretConflict", "SecretWriteFailed", "InvalidSpec", "PolicyViolation"];
+/// The Event the operator records when it refuses a requested rotation.
+const ROTATION_REFUSED: &str = "RotationRefused";
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done
+  1  any other error: kubeconfig, connection, an unexpected answer from the API server
+  2  usage: an unknown command or flag, or an invalid value (e.g. --phase)
+  3  refused: by the API server (RBAC, validation, an admission webhook), by policy, or by the
+     operator (SecretConflict, SecretWriteFailed, InvalidSpec, a rotation of a token that no
+     longer complies); or the token is Revoked, Expired, Denied or Failed
+  4  timed out waiting for the operator (is it running and watching the namespace?)
+  5  not found: the ApiToken (or its Secret, or the namespace) does not exist
+  6  already exists: `create` of a name that is taken
+
+Flags go after `apitoken`: kubectl apitoken --context prod -n team-a list";
+
+/// What went wrong, and the exit code that tells scripts which kind it was.
+#[derive(Debug)]
+enum Failure {
+    Other(String),
+    Refused(String),
+    TimedOut(String),
+    NotFound(String),
+    Exists(String),
+}
+
+impl Failure {
+    fn code(&self) -> u8 {
+        match self {
+            Failure::Other(_) => 1,
+            Failure::Refused(_) => 3,
+            Failure::TimedOut(_) => 4,
+            Failure::NotFound(_) => 5,
+            Failure::Exists(_) => 6,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::Other(m)
+            | Failure::Refused(m)
+            | Failure::TimedOut(m)
+            | Failure::NotFound(m)
+            | Failure::Exists(m) => m,
+        }
+    }
+}
+
+type Res<T> = Result<T, Failure>;
+
 #[derive(Parser)]
-#[command(name = "kubectl-apitoken", version, about = "Create, list, rotate, revoke and reveal ApiTokens")]
+#[command(
+    name = "kubectl-apitoken",
+    bin_name = "kubectl apitoken",
+    version,
+    about = "Create, list, describe, rotate, revoke, regenerate, reveal and delete ApiTokens",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// Namespace (default: the kubeconfig context's).
     #[arg(short, long, global = true)]
     namespace: Option<String>,
+    /// Path to the kubeconfig file (default: $KUBECONFIG, else ~/.kube/config).
+    #[arg(long, global = true, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current-context).
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
+    /// The kubeconfig cluster to use (default: the context's).
+    #[arg(long, global = true, value_name = "NAME")]
+    cluster: Option<String>,
+    /// The kubeconfig user to use (default: the context's).
+    #[arg(long, global = true, value_name = "NAME")]
+    user: Option<String>,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create a token, wait until it is issued, and print it once.
+    /// Create a token, wait until it is issued, and print it once (on stdout). Refuses a name
+    /// that exists.
+    #[command(group(ArgGroup::new("grants").required(true).multiple(true).args(["scopes", "permission_sets"])))]
     Create {
         name: String,
         /// A scope, `resource[/name]:verb`; repeat for several.
-        #[arg(long = "scope", required = true)]
+        #[arg(long = "scope", value_name = "SCOPE")]
         scopes: Vec<String>,
-        /// Lifetime such as 30d (default: the policy's, else 90d).
+        /// A permission set an ApiTokenPolicy defines (e.g. read-only); repeat for several.
+        #[arg(long = "permission-set", value_name = "NAME")]
+        permission_sets: Vec<String>,
+        /// Lifetime such as 30d, or `never` where a policy allows it (default: the policy's,
+        /// else 90d).
         #[arg(long)]
         lifetime: Option<String>,
         /// An audience the token is bound to; repeat for several.
-        #[arg(long = "audience")]
+        #[arg(long = "audience", value_name = "AUDIENCE")]
         audiences: Vec<String>,
+        /// What the token is for and who uses it.
+        #[arg(long)]
+        description: Option<String>,
+        /// Human-readable name shown in token lists.
+        #[arg(long)]
+        display_name: Option<String>,
         /// How long to wait for the token.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// List tokens: display form, scopes, phase, expiry, last use.
+    /// List tokens: display form, scopes, phase, expiry, last use. Never shows a token.
     List {
         /// All namespaces.
         #[arg(short = 'A', long)]
         all_namespaces: bool,
-        /// Only tokens in this phase.
-        #[arg(long)]
-        phase: Option<String>,
+        /// Only tokens in this phase (case-insensitive).
+        #[arg(long, value_enum, ignore_case = true)]
+        phase: Option<PhaseArg>,
+        /// `json` and `yaml` print a `List` as `kubectl get -o json` does.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// Rotate now; the previous token stays valid for the grace period.
+    /// Show a token's spec, status, conditions and recent Events. Never shows the token.
+    Describe { name: String },
+    /// Rotate now and wait for the new token; the previous one stays valid for the grace period.
     Rotate {
         name: String,
+        /// How long to wait for the new token.
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
-    /// Revoke: rejected at once, Secret removed.
-    Revoke { name: String },
-    /// Print the current token from its Secret.
+    /// Revoke: rejected at once, Secret removed. `regenerate` issues a new token later.
+    Revoke {
+        name: String,
+        /// How long to wait for the operator to record the revocation.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Un-revoke a revoked token: a new token, same configuration, printed once (on stdout).
+    #[command(visible_alias = "unrevoke")]
+    Regenerate {
+        name: String,
+        /// How long to wait for the new token.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print the current token from its Secret (on stdout).
     Reveal { name: String },
+    /// Delete the ApiToken; its Secret is removed with it.
+    Delete {
+        name: String,
+        /// How long to wait until it is gone.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,191 +199,730 @@ enum Output {
     Yaml,
 }
 
+/// The six phases, as `--phase` accepts them.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PhaseArg {
+    #[value(name = "Pending")]
+    Pending,
+    #[value(name = "Active")]
+    Active,
+    #[value(name = "Expired")]
+    Expired,
+    #[value(name = "Revoked")]
+    Revoked,
+    #[value(name = "Denied")]
+    Denied,
+    #[value(name = "Failed")]
+    Failed,
+}
+
+impl PhaseArg {
+    fn phase(self) -> Phase {
+        match self {
+            PhaseArg::Pending => Phase::Pending,
+            PhaseArg::Active => Phase::Active,
+            PhaseArg::Expired => Phase::Expired,
+            PhaseArg::Revoked => Phase::Revoked,
+            PhaseArg::Denied => Phase::Denied,
+            PhaseArg::Failed => Phase::Failed,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    match rt.block_on(run(cli)) {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(format!("starting the async runtime failed: {e}")))
+        .and_then(|rt| rt.block_on(run(cli)));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+        Err(f) => {
+            note(&format!("error: {}", f.message()));
+            ExitCode::from(f.code())
         }
     }
 }
 
-fn explain(e: kube::Error, what: &str) -> String {
-    match e {
-        kube::Error::Api(s) if s.code == 404 => format!("{what} not found"),
-        kube::Error::Api(s) if s.code == 403 => format!("not allowed: {}", s.message),
-        kube::Error::Api(s) => s.message,
-        other => format!("talking to the Kubernetes API failed: {other}"),
+/// A line for the person (stderr). A closed stderr is no reason to fail.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Output for programs and pipes (stdout). A reader that went away (`| head`) is not an error.
+fn out(text: &str) -> Res<()> {
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(Failure::Other(format!("writing to stdout failed: {e}")))
+        }
+        _ => Ok(()),
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
-    let client = Client::try_default().await.map_err(|e| format!("no usable kubeconfig: {e}"))?;
-    let ns = cli.namespace.clone().unwrap_or_else(|| client.default_namespace().to_string());
-    let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    match cli.command {
-        Cmd::Create { name, scopes, lifetime, audiences, timeout } => {
-            let mut spec = json!({"scopes": scopes});
-            if let Some(l) = lifetime {
-                spec["lifetime"] = json!(l);
-            }
-            if !audiences.is_empty() {
-                spec["audiences"] = json!(audiences);
-            }
-            let body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": spec});
-            tokens
-                .patch(&name, &PatchParams::apply("kubectl-apitoken"), &Patch::Apply(&body))
-                .await
-                .map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            let t = wait_issued(&tokens, &secrets, &name, None, timeout).await?;
-            eprintln!(
-                "ApiToken {ns}/{name} is Active. The token is shown once here; later: kubectl apitoken reveal {name}"
-            );
-            println!("{t}");
-        }
-        Cmd::List { all_namespaces, phase, output } => {
-            let api: Api<ApiToken> = if all_namespaces { Api::all(client.clone()) } else { tokens };
-            let mut items =
-                api.list(&ListParams::default()).await.map_err(|e| explain(e, "ApiTokens"))?.items;
-            if let Some(p) = &phase {
-                items.retain(|t| {
-                    t.status
-                        .as_ref()
-                        .and_then(|s| s.phase)
-                        .is_some_and(|x| x.as_str().eq_ignore_ascii_case(p))
-                });
-            }
-            print_list(&items, all_namespaces, output)?;
-        }
-        Cmd::Rotate { name, timeout } => {
-            let before = tokens.get(&name).await.map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            let count = before.status.as_ref().map_or(0, |s| s.rotation_count);
-            let stamp = jiff::Timestamp::now().to_string();
-            let patch = json!({"metadata": {"annotations": {ROTATE_ANNOTATION: stamp}}});
-            tokens
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            let old = before.status.as_ref().and_then(|s| s.token_hash.clone());
-            wait_issued(&tokens, &secrets, &name, old.as_deref(), timeout).await?;
-            let after = tokens.get(&name).await.map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            let s = after.status.unwrap_or_default();
-            println!(
-                "rotated {ns}/{name}: now {} (rotation {}); the previous token stays valid until {}",
-                s.display.unwrap_or_default(),
-                s.rotation_count.max(count + 1),
-                s.previous_valid_until.map_or_else(|| "now".into(), |t| t.0.to_string())
-            );
-        }
-        Cmd::Revoke { name } => {
-            let patch = json!({"spec": {"revoked": true}});
-            tokens
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-                .map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            println!(
-                "revoked {ns}/{name}: verification rejects it now; set spec.revoked: false to issue a new token"
-            );
-        }
-        Cmd::Reveal { name } => {
-            let at = tokens.get(&name).await.map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-            let secret_name = at.status.and_then(|s| s.secret_name).unwrap_or_else(|| name.clone());
-            let s =
-                secrets.get(&secret_name).await.map_err(|e| explain(e, &format!("Secret {secret_name}")))?;
-            let t = s
-                .data
-                .and_then(|d| d.get("token").cloned())
-                .ok_or_else(|| format!("Secret {secret_name} holds no token"))?;
-            println!("{}", String::from_utf8_lossy(&t.0));
-        }
-    }
-    Ok(())
-}
-
-/// Waits until the Secret holds the token the status names (and, for a rotation, a new one).
-async fn wait_issued(
-    tokens: &Api<ApiToken>,
-    secrets: &Api<Secret>,
-    name: &str,
-    not_hash: Option<&str>,
-    timeout: Duration,
-) -> Result<String, String> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let at = tokens.get(name).await.map_err(|e| explain(e, &format!("ApiToken {name}")))?;
-        let status = at.status.clone().unwrap_or_default();
-        if matches!(status.phase, Some(Phase::Denied | Phase::Failed)) {
-            let why = status
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Ready")
-                .map(|c| c.message.clone())
-                .unwrap_or_default();
-            return Err(format!("ApiToken {name} is {}: {why}", status.phase.map_or("", Phase::as_str)));
-        }
-        if let (Some(hash), Some(secret)) = (status.token_hash.as_deref(), status.secret_name.as_deref())
-            && Some(hash) != not_hash
-            && let Ok(Some(s)) = secrets.get_opt(secret).await
-            && let Some(t) = s.data.and_then(|d| d.get("token").cloned())
-        {
-            let t = String::from_utf8_lossy(&t.0).into_owned();
-            if token::hash(&t) == hash {
-                return Ok(t);
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(format!(
-                "ApiToken {name} was not issued within {}; is the operator running? (kubectl describe apitoken {name})",
-                humantime::format_duration(timeout)
+/// Turns an API error about `what` ("ApiToken ns/name") into a message a person can act on.
+fn api_error(e: kube::Error, what: &str) -> Failure {
+    let s = match e {
+        kube::Error::Api(s) => s,
+        other => {
+            return Failure::Other(format!(
+                "talking to the Kubernetes API failed: {other}; is the cluster reachable with this kubeconfig and context?"
             ));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    match s.code {
+        404 if s.message.contains("could not find the requested resource") => Failure::NotFound(format!(
+            "the ApiToken API is not served by this cluster ({}); install the apitoken-operator CRDs",
+            s.message
+        )),
+        404 if s.message.starts_with("namespaces ") => Failure::NotFound(s.message.clone()),
+        404 => Failure::NotFound(format!("{what} not found")),
+        409 if s.reason == "AlreadyExists" => Failure::Exists(format!("{what} already exists")),
+        401 => Failure::Other(format!(
+            "the API server did not accept the credentials ({}); check the kubeconfig's user",
+            s.message
+        )),
+        403 => Failure::Refused(format!("not allowed: {}", s.message)),
+        400 | 422 => Failure::Refused(s.message.clone()),
+        _ => Failure::Other(format!("{what}: {} (HTTP {})", s.message, s.code)),
     }
 }
 
-fn print_list(items: &[ApiToken], with_ns: bool, output: Output) -> Result<(), String> {
+/// The clients of one invocation, in one namespace.
+struct Ctx {
+    ns: String,
+    client: Client,
+    tokens: Api<ApiToken>,
+    secrets: Api<Secret>,
+    events: Api<Event>,
+}
+
+impl Ctx {
+    /// `namespace/name`, as messages name an ApiToken.
+    fn id(&self, name: &str) -> String {
+        format!("{}/{name}", self.ns)
+    }
+
+    async fn get(&self, name: &str) -> Res<ApiToken> {
+        self.tokens.get(name).await.map_err(|e| api_error(e, &format!("ApiToken {}", self.id(name))))
+    }
+
+    async fn patch(&self, name: &str, patch: &serde_json::Value) -> Res<ApiToken> {
+        let pp = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
+        self.tokens
+            .patch(name, &pp, &Patch::Merge(patch))
+            .await
+            .map_err(|e| api_error(e, &format!("ApiToken {}", self.id(name))))
+    }
+}
+
+/// A client as kubectl would build one from the same flags.
+async fn connect(cli: &Cli) -> Res<Ctx> {
+    let options = KubeConfigOptions {
+        context: cli.context.clone(),
+        cluster: cli.cluster.clone(),
+        user: cli.user.clone(),
+    };
+    let config = if let Some(path) = &cli.kubeconfig {
+        let kc = Kubeconfig::read_from(path)
+            .map_err(|e| Failure::Other(format!("cannot read kubeconfig {}: {e}", path.display())))?;
+        Config::from_custom_kubeconfig(kc, &options)
+            .await
+            .map_err(|e| Failure::Other(format!("kubeconfig {}: {e}", path.display())))?
+    } else if cli.context.is_some() || cli.cluster.is_some() || cli.user.is_some() {
+        Config::from_kubeconfig(&options).await.map_err(|e| Failure::Other(format!("kubeconfig: {e}")))?
+    } else {
+        Config::infer().await.map_err(|e| Failure::Other(format!("no usable kubeconfig: {e}")))?
+    };
+    let ns = cli.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+    let client = Client::try_from(config)
+        .map_err(|e| Failure::Other(format!("cannot build a Kubernetes client: {e}")))?;
+    Ok(Ctx {
+        tokens: Api::namespaced(client.clone(), &ns),
+        secrets: Api::namespaced(client.clone(), &ns),
+        events: Api::namespaced(client.clone(), &ns),
+        client,
+        ns,
+    })
+}
+
+async fn run(cli: Cli) -> Res<()> {
+    let ctx = connect(&cli).await?;
+    match cli.command {
+        Cmd::Create {
+            name,
+            scopes,
+            permission_sets,
+            lifetime,
+            audiences,
+            description,
+            display_name,
+            timeout,
+        } => {
+            let spec = ApiTokenSpec {
+                scopes,
+                permission_sets,
+                lifetime,
+                audiences,
+                description,
+                display_name,
+                ..ApiTokenSpec::default()
+            };
+            create(&ctx, &name, spec, timeout).await
+        }
+        Cmd::List { all_namespaces, phase, output } => list(&ctx, all_namespaces, phase, output).await,
+        Cmd::Describe { name } => describe(&ctx, &name).await,
+        Cmd::Rotate { name, timeout } => rotate(&ctx, &name, timeout).await,
+        Cmd::Revoke { name, timeout } => revoke(&ctx, &name, timeout).await,
+        Cmd::Regenerate { name, timeout } => regenerate(&ctx, &name, timeout).await,
+        Cmd::Reveal { name } => reveal(&ctx, &name).await,
+        Cmd::Delete { name, timeout } => delete(&ctx, &name, timeout).await,
+    }
+}
+
+async fn create(ctx: &Ctx, name: &str, spec: ApiTokenSpec, timeout: Duration) -> Res<()> {
+    let id = ctx.id(name);
+    // A create (POST), never an apply: an existing token is not ours to change.
+    let pp = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
+    ctx.tokens.create(&pp, &ApiToken::new(name, spec)).await.map_err(|e| match api_error(e, &format!("ApiToken {id}")) {
+        Failure::Exists(_) => Failure::Exists(format!(
+            "ApiToken {id} already exists; use `kubectl apitoken rotate {name}` for a new token or `kubectl apitoken reveal {name}` to print the current one"
+        )),
+        other => other,
+    })?;
+    let wait = Wait { name, not_hash: None, refusals: None, timeout };
+    let t = wait_token(ctx, &wait).await.map_err(|f| match f {
+        Failure::Refused(m) => Failure::Refused(format!(
+            "{m}\nThe ApiToken was created: fix the cause and it is issued, or `kubectl apitoken delete {name}`"
+        )),
+        other => other,
+    })?;
+    note(&format!(
+        "ApiToken {id} is Active. The token is shown once here; later: kubectl apitoken reveal {name}"
+    ));
+    out(&format!("{}\n", t.expose()))
+}
+
+async fn list(ctx: &Ctx, all: bool, phase: Option<PhaseArg>, output: Output) -> Res<()> {
+    let api: Api<ApiToken> = if all { Api::all(ctx.client.clone()) } else { ctx.tokens.clone() };
+    let what = if all { "ApiTokens".to_string() } else { format!("ApiTokens in namespace {}", ctx.ns) };
+    let mut items = api.list(&ListParams::default()).await.map_err(|e| api_error(e, &what))?.items;
+    if let Some(p) = phase {
+        let p = p.phase();
+        items.retain(|t| t.status.as_ref().and_then(|s| s.phase).unwrap_or_default() == p);
+    }
+    for t in &mut items {
+        // kubectl hides these too; they are bookkeeping nobody reads in a list.
+        t.metadata.managed_fields = None;
+    }
+    // The shape `kubectl get -o json` prints, so the same tools read both.
+    let list =
+        json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items});
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(items).map_err(|e| e.to_string())?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(items).map_err(|e| e.to_string())?),
+        Output::Json => {
+            let text = serde_json::to_string_pretty(&list).map_err(|e| Failure::Other(e.to_string()))?;
+            out(&format!("{text}\n"))
+        }
+        Output::Yaml => out(&serde_yaml::to_string(&list).map_err(|e| Failure::Other(e.to_string()))?),
         Output::Table => {
-            let rows: Vec<Vec<String>> = items
-                .iter()
-                .map(|t| {
-                    let s = t.status.clone().unwrap_or_else(ApiTokenStatus::default);
-                    let mut row = Vec::new();
-                    if with_ns {
-                        row.push(t.namespace().unwrap_or_default());
-                    }
-                    row.extend([
-                        t.name_any(),
-                        s.display.unwrap_or_else(|| "-".into()),
-                        if s.effective_scopes.is_empty() { "-".into() } else { s.effective_scopes.join(",") },
-                        s.phase.map_or("Pending", Phase::as_str).to_string(),
-                        s.expires_at.map_or_else(|| "never".into(), |t| t.0.to_string()),
-                        s.last_used_at.map_or_else(|| "-".into(), |t| t.0.to_string()),
-                    ]);
-                    row
-                })
-                .collect();
-            let mut header: Vec<String> = Vec::new();
-            if with_ns {
-                header.push("NAMESPACE".into());
+            if items.is_empty() {
+                note(&format!(
+                    "No ApiTokens found{}.",
+                    if all { String::new() } else { format!(" in namespace {}", ctx.ns) }
+                ));
+                return Ok(());
             }
-            header.extend(["NAME", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST USED"].map(String::from));
-            let widths: Vec<usize> = (0..header.len())
-                .map(|i| {
-                    rows.iter().map(|r| r[i].chars().count()).chain([header[i].len()]).max().unwrap_or(0)
+            out(&table(&items, all))
+        }
+    }
+}
+
+fn table(items: &[ApiToken], with_ns: bool) -> String {
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|t| {
+            let s = t.status.clone().unwrap_or_else(ApiTokenStatus::default);
+            let mut row = Vec::new();
+            if with_ns {
+                row.push(t.namespace().unwrap_or_default());
+            }
+            row.extend([
+                t.name_any(),
+                s.display.unwrap_or_else(|| "-".into()),
+                if s.effective_scopes.is_empty() { "-".into() } else { s.effective_scopes.join(",") },
+                s.phase.map_or("Pending", Phase::as_str).to_string(),
+                s.expires_at.map_or_else(|| "never".into(), |t| t.0.to_string()),
+                s.last_used_at.map_or_else(|| "-".into(), |t| t.0.to_string()),
+            ]);
+            row
+        })
+        .collect();
+    let mut header: Vec<String> = Vec::new();
+    if with_ns {
+        header.push("NAMESPACE".into());
+    }
+    header.extend(["NAME", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST USED"].map(String::from));
+    columns(&header, &rows, "   ")
+}
+
+/// Left-aligned columns, `gap` between them.
+fn columns(header: &[String], rows: &[Vec<String>], gap: &str) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            rows.iter().map(|r| r[i].chars().count()).chain([header[i].chars().count()]).max().unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    for r in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        let cells: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(text, "{}", cells.join(gap).trim_end());
+    }
+    text
+}
+
+fn condition<'a>(s: &'a ApiTokenStatus, type_: &str) -> Option<&'a Condition> {
+    s.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// "phase Failed; Ready=False SecretConflict: <message>".
+fn summary(s: &ApiTokenStatus) -> String {
+    let phase = s.phase.map_or("Pending", Phase::as_str);
+    match condition(s, "Ready") {
+        Some(c) => format!("phase {phase}; Ready={} {}: {}", c.status, c.reason, c.message),
+        None => format!("phase {phase}"),
+    }
+}
+
+/// Is the status about the spec as it is now (not an older generation)?
+fn current(at: &ApiToken) -> Option<&ApiTokenStatus> {
+    at.status
+        .as_ref()
+        .filter(|s| s.observed_generation.is_some() && s.observed_generation == at.metadata.generation)
+}
+
+/// Why no token will be issued for the current spec, when the operator says so: a failed,
+/// denied, revoked or expired token, or Ready=False with a failure reason.
+fn blocked(at: &ApiToken) -> Option<String> {
+    let s = current(at)?;
+    let final_phase =
+        matches!(s.phase, Some(Phase::Denied | Phase::Failed | Phase::Revoked | Phase::Expired));
+    let failed = condition(s, "Ready")
+        .is_some_and(|c| c.status == "False" && FAILURE_REASONS.contains(&c.reason.as_str()));
+    (final_phase || failed).then(|| summary(s))
+}
+
+/// The operator's word that the token no longer complies with policy (so a rotation is refused).
+fn noncompliant(at: &ApiToken) -> Option<String> {
+    let s = current(at)?;
+    condition(s, "PolicyCompliant").filter(|c| c.status == "False").map(|c| c.message.clone())
+}
+
+/// What a wait for a token looks for.
+struct Wait<'a> {
+    name: &'a str,
+    /// A token other than this one (the one before a rotation or revocation).
+    not_hash: Option<String>,
+    /// For a rotation: the RotationRefused Events that existed before it was requested.
+    refusals: Option<HashSet<(String, String)>>,
+    timeout: Duration,
+}
+
+/// Waits until the Secret holds the token the status names (other than `not_hash`), and
+/// stops early, with `Refused`, when the operator says it will not issue one.
+async fn wait_token(ctx: &Ctx, w: &Wait<'_>) -> Res<Plaintext> {
+    let mut last: Option<ApiToken> = None;
+    let result = tokio::time::timeout(w.timeout, poll_token(ctx, w, &mut last)).await;
+    result.unwrap_or_else(|_| {
+        let state = last.as_ref().and_then(|a| a.status.as_ref()).map_or_else(|| "no status yet".into(), summary);
+        Err(Failure::TimedOut(format!(
+            "ApiToken {} has no new token after {} ({state}); is the operator running and watching namespace {}? \
+             See `kubectl apitoken describe {}`",
+            ctx.id(w.name),
+            humantime::format_duration(w.timeout),
+            ctx.ns,
+            w.name
+        )))
+    })
+}
+
+async fn poll_token(ctx: &Ctx, w: &Wait<'_>, last: &mut Option<ApiToken>) -> Res<Plaintext> {
+    let id = ctx.id(w.name);
+    loop {
+        let at = ctx.get(w.name).await?;
+        if let Some(why) = blocked(&at) {
+            return Err(Failure::Refused(format!("ApiToken {id} will not be issued a token: {why}")));
+        }
+        if let Some(seen) = &w.refusals
+            && let Some(why) = rotation_refused(ctx, &at, seen).await
+        {
+            return Err(Failure::Refused(format!("the operator refused to rotate ApiToken {id}: {why}")));
+        }
+        if let Some(t) = issued(ctx, &at, w.not_hash.as_deref()).await? {
+            return Ok(t);
+        }
+        *last = Some(at);
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The token in the Secret once the status of the current spec names it as Active.
+async fn issued(ctx: &Ctx, at: &ApiToken, not_hash: Option<&str>) -> Res<Option<Plaintext>> {
+    let Some(s) = current(at) else { return Ok(None) };
+    let (Some(hash), Some(secret)) = (s.token_hash.as_deref(), s.secret_name.as_deref()) else {
+        return Ok(None);
+    };
+    if s.phase != Some(Phase::Active) || Some(hash) == not_hash {
+        return Ok(None);
+    }
+    let found = ctx.secrets.get_opt(secret).await.map_err(|e| {
+        match api_error(e, &format!("Secret {}/{secret}", ctx.ns)) {
+            Failure::Refused(m) => {
+                Failure::Refused(format!("the token is in Secret {secret}, which you cannot read: {m}"))
+            }
+            other => other,
+        }
+    })?;
+    let t = found.and_then(|sec| stored_token(&sec));
+    Ok(t.filter(|t| token::hash(t.expose()) == hash))
+}
+
+fn stored_token(s: &Secret) -> Option<Plaintext> {
+    let raw = s.data.as_ref()?.get("token")?;
+    Some(token::plaintext_from_stored(std::str::from_utf8(&raw.0).ok()?))
+}
+
+/// The operator's refusal of a rotation requested after the `seen` Events: PolicyCompliant
+/// False, or a new (or repeated) RotationRefused Event.
+async fn rotation_refused(ctx: &Ctx, at: &ApiToken, seen: &HashSet<(String, String)>) -> Option<String> {
+    if let Some(m) = noncompliant(at) {
+        return Some(m);
+    }
+    refusal_events(ctx, at)
+        .await
+        .into_iter()
+        .find(|e| !seen.contains(&event_key(e)))
+        .map(|e| e.message.unwrap_or_else(|| "the token no longer complies with policy".into()))
+}
+
+/// RotationRefused Events of `at` (none when Events cannot be read: the condition still counts).
+async fn refusal_events(ctx: &Ctx, at: &ApiToken) -> Vec<Event> {
+    let fields = format!("{},reason={ROTATION_REFUSED}", involved(at));
+    ctx.events.list(&ListParams::default().fields(&fields)).await.map(|l| l.items).unwrap_or_default()
+}
+
+/// An Event changes its resourceVersion when the operator records it again.
+fn event_key(e: &Event) -> (String, String) {
+    (e.metadata.name.clone().unwrap_or_default(), e.metadata.resource_version.clone().unwrap_or_default())
+}
+
+/// The field selector of `at`'s Events (core/v1 `involvedObject`, the uid so that an earlier
+/// object of the same name does not count).
+fn involved(at: &ApiToken) -> String {
+    let mut f = format!("involvedObject.kind=ApiToken,involvedObject.name={}", at.name_any());
+    if let Some(uid) = &at.metadata.uid {
+        let _ = write!(f, ",involvedObject.uid={uid}");
+    }
+    f
+}
+
+async fn rotate(ctx: &Ctx, name: &str, timeout: Duration) -> Res<()> {
+    let id = ctx.id(name);
+    let before = ctx.get(name).await?;
+    if let Some(why) = blocked(&before) {
+        let hint = if before.spec.revoked {
+            format!("; `kubectl apitoken regenerate {name}` issues a new token")
+        } else {
+            String::new()
+        };
+        return Err(Failure::Refused(format!("ApiToken {id} cannot be rotated: {why}{hint}")));
+    }
+    // The operator refuses to rotate a token that no longer complies: say so without asking.
+    if let Some(why) = noncompliant(&before) {
+        return Err(Failure::Refused(format!(
+            "ApiToken {id} no longer complies with policy, so the operator refuses to rotate it: {why}"
+        )));
+    }
+    let seen: HashSet<_> = refusal_events(ctx, &before).await.iter().map(event_key).collect();
+    let stamp = Timestamp::now().to_string();
+    ctx.patch(name, &json!({"metadata": {"annotations": {ROTATE_ANNOTATION: stamp}}})).await?;
+    let old = before.status.as_ref().and_then(|s| s.token_hash.clone());
+    let wait = Wait { name, not_hash: old, refusals: Some(seen), timeout };
+    // The new token is in the Secret (`reveal` prints it); rotate itself never prints it.
+    drop(wait_token(ctx, &wait).await?);
+    let s = ctx.get(name).await?.status.unwrap_or_default();
+    out(&format!(
+        "rotated {id}: now {} (rotation {}); the previous token stays valid until {}\n",
+        s.display.unwrap_or_default(),
+        s.rotation_count,
+        s.previous_valid_until.map_or_else(|| "now".into(), |t| t.0.to_string())
+    ))
+}
+
+/// Waits until the operator has acted on generation `generation` (or a later one).
+async fn wait_observed(ctx: &Ctx, name: &str, generation: Option<i64>, timeout: Duration) -> Res<ApiToken> {
+    let mut last: Option<ApiToken> = None;
+    let poll = async {
+        loop {
+            let at = ctx.get(name).await?;
+            if at.status.as_ref().and_then(|s| s.observed_generation) >= generation {
+                return Ok(at);
+            }
+            last = Some(at);
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    let result = tokio::time::timeout(timeout, poll).await;
+    result.unwrap_or_else(|_| {
+        let state = last.as_ref().and_then(|a| a.status.as_ref()).map_or_else(|| "no status yet".into(), summary);
+        Err(Failure::TimedOut(format!(
+            "the operator did not act on ApiToken {} within {} ({state}); is it running and watching namespace {}?",
+            ctx.id(name),
+            humantime::format_duration(timeout),
+            ctx.ns
+        )))
+    })
+}
+
+async fn revoke(ctx: &Ctx, name: &str, timeout: Duration) -> Res<()> {
+    let id = ctx.id(name);
+    let patched = ctx.patch(name, &json!({"spec": {"revoked": true}})).await?;
+    let at = wait_observed(ctx, name, patched.metadata.generation, timeout).await?;
+    let phase = at.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+    let tail = if phase == Phase::Revoked { String::new() } else { format!(" (phase {})", phase.as_str()) };
+    out(&format!(
+        "revoked {id}{tail}: verification rejects it and its Secret is removed; `kubectl apitoken regenerate {name}` issues a new token\n"
+    ))
+}
+
+async fn regenerate(ctx: &Ctx, name: &str, timeout: Duration) -> Res<()> {
+    let id = ctx.id(name);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let at = ctx.get(name).await?;
+    if !at.spec.revoked {
+        let phase = at.status.as_ref().and_then(|s| s.phase).unwrap_or_default().as_str();
+        return Err(Failure::Refused(format!(
+            "ApiToken {id} is not revoked (phase {phase}); `kubectl apitoken rotate {name}` issues a new token and keeps the current one valid for the grace period"
+        )));
+    }
+    // The revocation must have taken effect first: flipped back before the operator saw it, the
+    // old token would simply stay.
+    let at = wait_observed(ctx, name, at.metadata.generation, timeout).await?;
+    let old = at.status.as_ref().and_then(|s| s.token_hash.clone());
+    ctx.patch(name, &json!({"spec": {"revoked": false}})).await?;
+    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let t = wait_token(ctx, &Wait { name, not_hash: old, refusals: None, timeout: left.max(POLL) }).await?;
+    note(&format!(
+        "ApiToken {id} is Active again with a new token. It is shown once here; later: kubectl apitoken reveal {name}"
+    ));
+    out(&format!("{}\n", t.expose()))
+}
+
+async fn reveal(ctx: &Ctx, name: &str) -> Res<()> {
+    let id = ctx.id(name);
+    let at = ctx.get(name).await?;
+    let s = at.status.clone().unwrap_or_default();
+    match s.phase.unwrap_or_default() {
+        Phase::Active => {}
+        Phase::Pending => {
+            return Err(Failure::Other(format!(
+                "ApiToken {id} has no token yet ({}); see `kubectl apitoken describe {name}`",
+                summary(&s)
+            )));
+        }
+        Phase::Revoked => {
+            return Err(Failure::Refused(format!(
+                "ApiToken {id} is revoked: there is no token to reveal; `kubectl apitoken regenerate {name}` issues a new one"
+            )));
+        }
+        _ => {
+            return Err(Failure::Refused(format!(
+                "ApiToken {id} has no valid token to reveal: {}",
+                summary(&s)
+            )));
+        }
+    }
+    let secret_name = s.secret_name.unwrap_or_else(|| name.to_string());
+    let what = format!("Secret {}/{secret_name} of ApiToken {name}", ctx.ns);
+    let secret = ctx.secrets.get(&secret_name).await.map_err(|e| api_error(e, &what))?;
+    let t = stored_token(&secret).ok_or_else(|| Failure::Other(format!("{what} holds no token")))?;
+    out(&format!("{}\n", t.expose()))
+}
+
+async fn delete(ctx: &Ctx, name: &str, timeout: Duration) -> Res<()> {
+    let id = ctx.id(name);
+    let at = ctx.get(name).await?;
+    let secret = at.status.as_ref().and_then(|s| s.secret_name.clone());
+    ctx.tokens
+        .delete(name, &DeleteParams::background())
+        .await
+        .map_err(|e| api_error(e, &format!("ApiToken {id}")))?;
+    let gone = async {
+        loop {
+            match ctx.tokens.get_opt(name).await {
+                Ok(Some(now)) if now.uid() == at.uid() => tokio::time::sleep(POLL).await,
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(api_error(e, &format!("ApiToken {id}"))),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, gone).await.unwrap_or_else(|_| {
+        Err(Failure::TimedOut(format!(
+            "ApiToken {id} is still there after {} (finalizers: {:?})",
+            humantime::format_duration(timeout),
+            at.finalizers()
+        )))
+    })?;
+    let tail = secret.map_or_else(String::new, |s| format!("; its Secret {s} is removed with it"));
+    out(&format!("deleted ApiToken {id}{tail}\n"))
+}
+
+async fn describe(ctx: &Ctx, name: &str) -> Res<()> {
+    let at = ctx.get(name).await?;
+    // Events are a help, not a requirement: a person who may not list them still gets the rest.
+    let events = ctx.events.list(&ListParams::default().fields(&involved(&at))).await.map(|l| l.items);
+    out(&page(&at, events, Timestamp::now()))
+}
+
+fn time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> String {
+    t.map_or_else(|| "-".into(), |t| t.0.to_string())
+}
+
+fn or_dash(v: &[String]) -> String {
+    if v.is_empty() { "-".into() } else { v.join(", ") }
+}
+
+/// The describe page's "Key: value" lines.
+fn page_fields(at: &ApiToken) -> Vec<(&'static str, String)> {
+    let spec = &at.spec;
+    let s = at.status.clone().unwrap_or_default();
+    let rotation = &spec.rotation;
+    let mut fields: Vec<(&str, String)> = vec![
+        ("Name", at.name_any()),
+        ("Namespace", at.namespace().unwrap_or_default()),
+        ("Display name", spec.display_name.clone().unwrap_or_else(|| "-".into())),
+        ("Description", spec.description.clone().unwrap_or_else(|| "-".into())),
+        ("Created", time(at.metadata.creation_timestamp.as_ref())),
+        ("Created by", s.created_by.clone().unwrap_or_else(|| "-".into())),
+        ("Phase", s.phase.map_or("Pending", Phase::as_str).into()),
+        ("Token", s.display.clone().unwrap_or_else(|| "-".into())),
+        ("Token id", s.token_id.clone().unwrap_or_else(|| "-".into())),
+        ("Token hash", s.token_hash.clone().unwrap_or_else(|| "-".into())),
+        (
+            "Secret",
+            s.secret_name
+                .clone()
+                .unwrap_or_else(|| spec.secret.name.clone().unwrap_or_else(|| at.name_any())),
+        ),
+        ("Scopes", or_dash(&spec.scopes)),
+        ("Permission sets", or_dash(&spec.permission_sets)),
+        ("Effective scopes", or_dash(&s.effective_scopes)),
+        ("Audiences", or_dash(&spec.audiences)),
+        ("Lifetime", spec.lifetime.clone().unwrap_or_else(|| "policy default".into())),
+        ("Issued", time(s.issued_at.as_ref())),
+        ("Expires", s.expires_at.as_ref().map_or_else(|| "never".into(), |t| t.0.to_string())),
+        ("Renews at", time(s.renew_at.as_ref())),
+        ("Last used", time(s.last_used_at.as_ref())),
+        ("Rotations", s.rotation_count.to_string()),
+        (
+            "Rotation",
+            format!(
+                "{}, renewBefore {}, gracePeriod {}, trigger {}",
+                if rotation.enabled { "enabled" } else { "disabled" },
+                rotation.renew_before.as_deref().unwrap_or("default"),
+                rotation.grace_period.as_deref().unwrap_or("default"),
+                rotation.trigger.as_deref().unwrap_or("-")
+            ),
+        ),
+        ("Revoked", spec.revoked.to_string()),
+    ];
+    if let Some(until) = &s.previous_valid_until {
+        fields.push(("Previous valid until", until.0.to_string()));
+    }
+    let behind = s.observed_generation != at.metadata.generation;
+    if behind {
+        fields.push((
+            "Observed generation",
+            format!(
+                "{} of {} (the operator has not acted on the latest change yet)",
+                s.observed_generation.map_or_else(|| "none".into(), |g| g.to_string()),
+                at.metadata.generation.unwrap_or_default()
+            ),
+        ));
+    }
+    fields
+}
+
+/// The describe page: spec, status, conditions, Events. Holds hashes and display forms only.
+fn page(at: &ApiToken, events: Result<Vec<Event>, kube::Error>, now: Timestamp) -> String {
+    let s = at.status.clone().unwrap_or_default();
+    let fields = page_fields(at);
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    let mut text = String::new();
+    for (k, v) in &fields {
+        let _ = writeln!(text, "{:<width$}{v}", format!("{k}:"));
+    }
+    text.push_str("Conditions:\n");
+    if s.conditions.is_empty() {
+        text.push_str("  <none>\n");
+    } else {
+        let header = ["TYPE", "STATUS", "REASON", "MESSAGE"].map(String::from);
+        let rows: Vec<Vec<String>> = s
+            .conditions
+            .iter()
+            .map(|c| vec![c.type_.clone(), c.status.clone(), c.reason.clone(), c.message.clone()])
+            .collect();
+        for line in columns(&header, &rows, "  ").lines() {
+            let _ = writeln!(text, "  {line}");
+        }
+    }
+    text.push_str("Events:\n");
+    match events {
+        Err(e) => {
+            let _ = writeln!(text, "  <cannot list Events: {}>", api_error(e, "Events").message());
+        }
+        Ok(list) if list.is_empty() => text.push_str("  <none>\n"),
+        Ok(mut list) => {
+            list.sort_by_key(last_seen);
+            let header = ["LAST SEEN", "TYPE", "REASON", "COUNT", "MESSAGE"].map(String::from);
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|e| {
+                    vec![
+                        last_seen(e).map_or_else(|| "-".into(), |t| age(t, now)),
+                        e.type_.clone().unwrap_or_default(),
+                        e.reason.clone().unwrap_or_default(),
+                        e.series.as_ref().and_then(|s| s.count).or(e.count).unwrap_or(1).to_string(),
+                        e.message.clone().unwrap_or_default(),
+                    ]
                 })
                 .collect();
-            for r in std::iter::once(&header).chain(rows.iter()) {
-                let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-                println!("{}", line.join("   ").trim_end());
+            for line in columns(&header, &rows, "  ").lines() {
+                let _ = writeln!(text, "  {line}");
             }
         }
     }
-    Ok(())
+    text
+}
+
+/// When an Event (core/v1 or events.k8s.io written) was last seen.
+fn last_seen(e: &Event) -> Option<Timestamp> {
+    e.series
+        .as_ref()
+        .and_then(|s| s.last_observed_time.as_ref().map(|t| t.0))
+        .or_else(|| e.last_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| e.event_time.as_ref().map(|t| t.0))
+        .or_else(|| e.first_timestamp.as_ref().map(|t| t.0))
+        .or_else(|| e.metadata.creation_timestamp.as_ref().map(|t| t.0))
+}
+
+/// `12s`, `5m`, `3h`, `2d` ago, as kubectl shows ages.
+fn age(t: Timestamp, now: Timestamp) -> String {
+    let secs = now.as_second().saturating_sub(t.as_second()).max(0);
+    match secs {
+        0..120 => format!("{secs}s"),
+        120..7200 => format!("{}m", secs / 60),
+        7200..172_800 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86_400),
+    }
 }
