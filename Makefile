@@ -47,7 +47,7 @@ chart-snapshot: tools
 	  --namespace apitoken-system --kube-version 1.35.4 --include-crds > tests/snapshots/chart-default.yaml
 
 demo: tools
-	@hack/demo
+	@$(STAGE) demo-run hack/demo
 
 demo-down:
 	@hack/local-cluster down demo

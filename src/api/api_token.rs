@@ -42,8 +42,17 @@ pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
     namespaced,
     status = "ApiTokenStatus",
     shortname = "apitok",
-    category = "apitoken",
+    // Not `apitoken`: a category named like the singular makes kubectl expand `kubectl get
+    // apitoken NAME` to every kind in the category ("you must specify only one resource").
+    category = "apitoken-operator",
     doc = "An API token issued into a Secret, rotated before expiry, and verified by the apitoken-operator.",
+    validation = name_length_rule(),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether a valid token is in the Secret"
+    ),
     printcolumn(
         name = "Token",
         type_ = "string",
@@ -53,13 +62,41 @@ pub const DNS_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0
     printcolumn(
         name = "Scopes",
         type_ = "string",
-        json_path = ".status.effectiveScopes",
-        description = "Effective scopes"
+        json_path = ".status.scopeSummary",
+        description = "Effective scopes (the first few)"
     ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
     printcolumn(name = "Last Used", type_ = "date", json_path = ".status.lastUsedAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Secret",
+        type_ = "string",
+        json_path = ".status.secretName",
+        description = "The Secret holding the token",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Rotations",
+        type_ = "integer",
+        json_path = ".status.rotationCount",
+        description = "Rotations since creation",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Creator",
+        type_ = "string",
+        json_path = ".status.createdBy",
+        description = "Who created the ApiToken",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Status",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].message",
+        description = "The Ready condition's message",
+        priority = "1"
+    )
 )]
 #[x_kube(validation = renew_before_rule())]
 #[serde(rename_all = "camelCase")]
@@ -100,6 +137,7 @@ pub struct ApiTokenSpec {
     /// default, else 90d. Changing it keeps the token value and moves its expiry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = LIFETIME_PATTERN), length(max = DURATION_MAX_LEN))]
+    #[x_kube(validation = positive_rule("self == 'never' || ", "lifetime"))]
     pub lifetime: Option<String>,
 
     /// Automatic and on-demand rotation.
@@ -142,11 +180,13 @@ pub struct RotationSpec {
     /// lifetime. Must be shorter than `lifetime`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LEN))]
+    #[x_kube(validation = positive_rule("", "rotation.renewBefore"))]
     pub renew_before: Option<String>,
 
     /// How long the previous token stays valid after a rotation, at most 24h. Defaults to 10m.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LEN))]
+    #[x_kube(validation = positive_rule("", "rotation.gracePeriod"))]
     pub grace_period: Option<String>,
 
     /// Any string; every change rotates the token now (GitOps: bump it in Git).
@@ -174,12 +214,20 @@ pub struct SecretSpec {
     #[schemars(regex(pattern = DNS_SUBDOMAIN_PATTERN), length(max = 253))]
     pub name: Option<String>,
 
-    /// Labels copied onto the Secret (e.g. for Reloader or replication tools).
+    /// Labels copied onto the Secret (e.g. for Reloader or replication tools). Keys and values
+    /// follow Kubernetes' label syntax (values at most 63 characters).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = keys_rule("secret.labels"))]
+    #[schemars(extend(
+        "maxProperties" = 32,
+        "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE}
+    ))]
     pub labels: BTreeMap<String, String>,
 
-    /// Annotations copied onto the Secret.
+    /// Annotations copied onto the Secret. Keys follow Kubernetes' annotation key syntax.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = keys_rule("secret.annotations"))]
+    #[schemars(extend("maxProperties" = 32))]
     pub annotations: BTreeMap<String, String>,
 
     /// Extra keys rendered from the token, e.g. `authorization: "Bearer {{token}}"`. `{{token}}`
@@ -249,6 +297,7 @@ pub struct ApiTokenStatus {
     pub phase: Option<Phase>,
     /// Ready, Issued, PolicyCompliant and Expiring, with reasons.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
     /// Public id of the current token (never enough to authenticate).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -295,6 +344,9 @@ pub struct ApiTokenStatus {
     /// Scopes in force after expanding permission sets and applying policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub effective_scopes: Vec<String>,
+    /// `effectiveScopes` for people: the first few, comma separated (the SCOPES column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope_summary: Option<String>,
     /// Who created the ApiToken (from the admission request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
@@ -303,14 +355,51 @@ pub struct ApiTokenStatus {
 fn renew_before_rule() -> Rule {
     let renew = cel_seconds("self.rotation.renewBefore");
     let life = cel_seconds("self.lifetime");
+    let default_life = DEFAULT_LIFETIME_SECONDS;
     Rule::new(format!(
-        "!has(self.rotation) || !has(self.rotation.renewBefore) || !has(self.lifetime) || \
-         self.lifetime == 'never' || {renew} < {life}"
+        "!has(self.rotation) || !has(self.rotation.renewBefore) || \
+         (has(self.lifetime) ? (self.lifetime == 'never' || {renew} < {life}) : {renew} < {default_life})"
     ))
-    .message(Message::Message("rotation.renewBefore must be shorter than lifetime".into()))
+    .message(Message::Message(
+        "rotation.renewBefore must be shorter than lifetime (90d when lifetime is not set; a policy's \
+         default may be shorter: set lifetime explicitly)"
+            .into(),
+    ))
     .field_path(".rotation.renewBefore")
 }
 
+/// The lifetime of a token whose spec and policies set none (design §3).
+const DEFAULT_LIFETIME_SECONDS: i64 = 90 * 86_400;
+
+/// `field` must be longer than zero (`0d` and `0s` follow the grammar but mean nothing).
+fn positive_rule(unless: &str, field: &str) -> Rule {
+    Rule::new(format!("{unless}{} > 0", cel_seconds("self")))
+        .message(Message::Message(format!("{field} must be longer than zero")))
+}
+
+/// The name goes into the Secret's `apitoken.dev/name` label, and label values are at most
+/// 63 characters: refuse a longer name up front rather than fail at the Secret write.
+fn name_length_rule() -> Rule {
+    Rule::new("size(self.metadata.name) <= 63").message(Message::Message(
+        "metadata.name must be at most 63 characters (it is written into the Secret's apitoken.dev/name label)"
+            .into(),
+    ))
+}
+
+/// A label value: empty, or at most 63 characters of the label alphabet, starting and ending
+/// alphanumeric (plain OpenAPI: CEL over map values costs more than the schema's budget).
+const LABEL_VALUE: &str = "^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+
+/// Keys of `field`: Kubernetes qualified names, `[prefix/]name`. CEL's cost budget allows only a
+/// short expression over map keys; the API server checks the finer points (lengths) at the
+/// Secret write, which the status then reports.
+fn keys_rule(field: &str) -> Rule {
+    Rule::new("self.all(k, k.matches('^([-.a-z0-9]+/)?[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$'))").message(
+        Message::Message(format!(
+            "{field}: keys must be qualified names, [prefix/]name, e.g. example.com/team: letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        )),
+    )
+}
 fn grace_period_rule() -> Rule {
     let grace = cel_seconds("self.gracePeriod");
     Rule::new(format!("!has(self.gracePeriod) || {grace} <= 86400"))

@@ -139,7 +139,7 @@ async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Err
 async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error> {
     let mut obj = obj.clone();
     for _ in 0..MAX_STEPS {
-        match step(&obj, ctx).await? {
+        match Box::pin(step(&obj, ctx)).await? {
             Step::Continue(updated) => obj = *updated,
             Step::Done(wake) => return Ok(requeue_at(wake, Timestamp::now())),
         }
@@ -239,7 +239,9 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
              Delete it or set spec.secret.name to another name",
             foreign.name_any()
         );
-        fail(obj, ctx, &tokens, &status, Some(&desired), &current, "SecretConflict", message).await?;
+        // The phase says what Ready says; the token already issued (if any) keeps working.
+        let failed = plan::Current { phase: plan::Phase::Failed, ..current };
+        fail(obj, ctx, &tokens, &status, Some(&desired), &failed, "SecretConflict", message).await?;
         return Ok(Step::Done(None));
     }
     let stored = existing.as_ref().and_then(secret::stored_token);
@@ -256,6 +258,16 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
     // Plan.
     let action = plan::plan(&desired, &current, state, now);
     debug!(?action, ?state, "planned");
+    if writes_secret(&action)
+        && let Some(hold) = secret_write_hold(obj, &status, now)
+    {
+        // The last Secret write was refused: no new token until the ApiToken changes (or, for
+        // a refusal that may pass, until the retry time).
+        return Ok(Step::Done(match hold {
+            Hold::UntilChanged => None,
+            Hold::Until(t) => Some(t),
+        }));
+    }
 
     let obs = Observed {
         tokens,
@@ -273,6 +285,39 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
     };
     apply(obj, ctx, obs, action).await
 }
+
+fn writes_secret(action: &Action) -> bool {
+    matches!(action, Action::Issue | Action::Rotate(_) | Action::Recover | Action::UpdateMetadata)
+}
+
+/// Holding off writing the Secret after the API server refused the last write.
+enum Hold {
+    /// The refusal was about the ApiToken's content: until it changes.
+    UntilChanged,
+    /// Until the retry time.
+    Until(Timestamp),
+}
+
+/// Whether (and how long) to hold off writing the Secret; `None` when nothing holds it back.
+fn secret_write_hold(obj: &ApiToken, status: &ApiTokenStatus, now: Timestamp) -> Option<Hold> {
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready" && c.status == "False")?;
+    if status.phase != Some(crate::api::Phase::Failed) || ready.observed_generation != obj.metadata.generation
+    {
+        return None;
+    }
+    match ready.reason.as_str() {
+        status::SECRET_INVALID => Some(Hold::UntilChanged),
+        status::SECRET_WRITE_FAILED => {
+            let retry = ready.last_transition_time.0.checked_add(SECRET_WRITE_RETRY).ok()?;
+            (retry > now).then_some(Hold::Until(retry))
+        }
+        _ => None,
+    }
+}
+
+/// Retry interval after a Secret write failed for a reason the ApiToken cannot fix (quota, RBAC,
+/// an unavailable API server).
+const SECRET_WRITE_RETRY: jiff::SignedDuration = jiff::SignedDuration::from_secs(30);
 
 /// Does the existing Secret show what the spec asks for (besides the token)?
 fn secret_in_sync(
@@ -352,6 +397,23 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             }
             Ok(Step::Done(until))
         }
+        // A token that no longer complies keeps working until it expires, and is not rotated:
+        // a successor would not comply either. At expiry it is denied (below).
+        Action::Rotate(reason) if noncompliance.is_some() && reason != plan::RotateReason::Expired => {
+            let new_status = status_of(&current);
+            if new_status != status {
+                write_status(&ctx.metrics, &tokens, obj, new_status).await?;
+            }
+            if matches!(reason, plan::RotateReason::Trigger | plan::RotateReason::Annotation) {
+                let message = format!(
+                    "rotation ({}) refused: the ApiToken does not comply with policy: {}; the current token stays valid until it expires",
+                    reason.as_str(),
+                    noncompliance.as_deref().unwrap_or_default()
+                );
+                publish(ctx, obj, EventType::Warning, "RotationRefused", message).await;
+            }
+            Ok(Step::Done(current.expires_at))
+        }
         Action::Issue | Action::Rotate(_) | Action::Recover if noncompliance.is_some() => {
             let message = noncompliance.as_deref().unwrap_or_default();
             deny(obj, ctx, &tokens, &secrets, &status, message).await?;
@@ -366,7 +428,13 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             // Status first: every verifier accepts the new hash before anyone can read the token.
             let new_status = status_of(&next);
             let updated = write_status(&ctx.metrics, &tokens, obj, new_status).await?;
-            write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await?;
+            if let Err(e) =
+                write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await
+            {
+                // Nobody holds the new token: back to what was there (consumers keep theirs).
+                let revert = Revert { status: &status, current: &current };
+                return secret_write_failed(&updated, ctx, &tokens, &desired, Some(revert), e).await;
+            }
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             let (reason, note) = match action {
                 Action::Issue => ("Issued", format!("issued {} into Secret {wanted_name}", minted.display)),
@@ -397,7 +465,9 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 write_status(&ctx.metrics, &tokens, obj, new_status).await?
             };
             if let Some(token) = &stored {
-                write_secret(&secrets, &updated, &wanted_name, token, &next, &desired).await?;
+                if let Err(e) = write_secret(&secrets, &updated, &wanted_name, token, &next, &desired).await {
+                    return secret_write_failed(&updated, ctx, &tokens, &desired, None, e).await;
+                }
                 remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             }
             if current.phase == plan::Phase::Active {
@@ -431,8 +501,10 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
-            let (reason, note) = if action == Action::Expire {
+            // Expiry is something nobody asked for; a revocation is the user's own act.
+            let (type_, reason, note) = if action == Action::Expire {
                 (
+                    EventType::Warning,
                     "Expired",
                     format!(
                         "{} expired; its Secret was removed",
@@ -440,9 +512,13 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                     ),
                 )
             } else {
-                ("Revoked", "spec.revoked is true: the token is rejected and its Secret removed".to_string())
+                (
+                    EventType::Normal,
+                    "Revoked",
+                    "spec.revoked is true: the token is rejected and its Secret removed".to_string(),
+                )
             };
-            publish(ctx, obj, EventType::Warning, reason, note).await;
+            publish(ctx, obj, type_, reason, note).await;
             Ok(Step::Continue(Box::new(updated)))
         }
     }
@@ -491,6 +567,42 @@ async fn fail(
         publish(ctx, obj, EventType::Warning, reason, message).await;
     }
     Ok(())
+}
+
+/// The status before a token was minted, to go back to when its Secret cannot be written.
+struct Revert<'a> {
+    status: &'a ApiTokenStatus,
+    current: &'a Current,
+}
+
+/// The API server refused the Secret: record it (phase Failed, Ready=False with its message, a
+/// Warning Event) instead of minting again on every retry. With `revert`, the minted token is
+/// dropped from the status again: it never reached anyone.
+async fn secret_write_failed(
+    updated: &ApiToken,
+    ctx: &Context,
+    tokens: &Api<ApiToken>,
+    d: &Desired,
+    revert: Option<Revert<'_>>,
+    e: Error,
+) -> Result<Step, Error> {
+    let written = updated.status.clone().unwrap_or_default();
+    let (mut state, secret_name) = match &revert {
+        Some(r) => (r.current.clone(), r.status.secret_name.clone()),
+        None => (status::to_current(&written), written.secret_name.clone()),
+    };
+    state.phase = plan::Phase::Failed;
+    let (reason, retry) = if e.is_invalid_secret() {
+        (status::SECRET_INVALID, None)
+    } else {
+        (status::SECRET_WRITE_FAILED, Timestamp::now().checked_add(SECRET_WRITE_RETRY).ok())
+    };
+    let fix = if retry.is_some() { "retrying in 30s" } else { "fix the ApiToken's spec.secret" };
+    let message = format!("the API server refused the token Secret ({e}); {fix}");
+    let mut base = written.clone();
+    base.secret_name = secret_name;
+    fail(updated, ctx, tokens, &base, Some(d), &state, reason, message).await?;
+    Ok(Step::Done(retry))
 }
 
 /// Refuses the token: phase Denied, no token, its Secret removed, the violations in the
@@ -559,8 +671,9 @@ async fn write_secret(
     body["apiVersion"] = "v1".into();
     body["kind"] = "Secret".into();
     let result = secrets.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await;
-    // Error text from a write carrying the token is reduced to its code and reason.
-    result.map(|_| ()).map_err(Error::secret_write)
+    // Error text from a write carrying the token keeps none of the values it carried.
+    let values: Vec<&[u8]> = rendered.data.iter().flat_map(|d| d.values().map(|v| v.0.as_slice())).collect();
+    result.map(|_| ()).map_err(|e| Error::secret_write(&e, &values))
 }
 
 async fn delete_secret(secrets: &Api<Secret>, name: &str) -> Result<(), Error> {

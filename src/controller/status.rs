@@ -68,9 +68,29 @@ pub fn from_current(old: &ApiTokenStatus, c: &Current) -> ApiTokenStatus {
         observed_trigger: c.observed_trigger.clone(),
         observed_rotate_annotation: c.observed_rotate_annotation.clone(),
         effective_scopes: c.effective_scopes.clone(),
+        scope_summary: scope_summary(&c.effective_scopes),
         ..old.clone()
     }
 }
+
+/// How many scopes the SCOPES column names before "+N more".
+const SUMMARY_SCOPES: usize = 3;
+
+/// `effectiveScopes` for the SCOPES column: `a:read, b:write +2 more`.
+pub fn scope_summary(scopes: &[String]) -> Option<String> {
+    if scopes.is_empty() {
+        return None;
+    }
+    let shown = scopes.iter().take(SUMMARY_SCOPES).map(String::as_str).collect::<Vec<_>>().join(", ");
+    let rest = scopes.len().saturating_sub(SUMMARY_SCOPES);
+    Some(if rest == 0 { shown } else { format!("{shown} +{rest} more") })
+}
+
+/// Ready reason: the API server refused the Secret's content (labels, annotations, keys); nothing
+/// is retried until the ApiToken changes.
+pub const SECRET_INVALID: &str = "SecretInvalid";
+/// Ready reason: writing the Secret failed for another reason (quota, RBAC, API server); retried.
+pub const SECRET_WRITE_FAILED: &str = "SecretWriteFailed";
 
 /// One condition as the operator wants it now.
 pub struct Want {
@@ -80,7 +100,8 @@ pub struct Want {
     pub message: String,
 }
 
-/// The Ready, Issued, PolicyCompliant and Expiring conditions for state `c` at `now`.
+/// The Ready, Issued, PolicyCompliant and ExpiryHandled conditions for state `c` at `now`.
+/// Every condition is True when all is well, so "any condition False" means "look at it".
 pub fn conditions(
     d: Option<&Desired>,
     c: &Current,
@@ -113,7 +134,8 @@ pub fn conditions(
         },
         (None, _) => Want { type_: "Ready", ok: false, reason: "Pending", message: "waiting for the token to be issued".into() },
     };
-    let issued = if c.token_hash.is_some() && c.phase == Phase::Active {
+    // A failure after issuance (Secret conflict or write refused) leaves the issued token valid.
+    let issued = if c.token_hash.is_some() && matches!(c.phase, Phase::Active | Phase::Failed) {
         let how = if c.rotation_count > 0 {
             format!("rotated {} time(s)", c.rotation_count)
         } else {
@@ -138,7 +160,7 @@ pub fn conditions(
             ok: false,
             reason: "PolicyViolation",
             message: format!(
-                "{m}. The current token stays valid until it expires; its next rotation is refused unless the ApiToken complies"
+                "{m}. The current token stays valid until it {expires}; it is not rotated (a rotation you ask for is refused) until the ApiToken complies"
             ),
         },
         (None, None) => Want {
@@ -150,23 +172,29 @@ pub fn conditions(
     };
     let expiring_at = d.zip(c.expires_at).and_then(|(d, e)| plan::expiring_from(d, e));
     let rotation_off = d.is_some_and(|d| !d.rotation_enabled && d.lifetime != Lifetime::Never);
-    let expiring = match expiring_at {
+    let expiry = match expiring_at {
         Some(from) if c.phase == Phase::Active && rotation_off && now >= from => Want {
-            type_: "Expiring",
-            ok: true,
+            type_: "ExpiryHandled",
+            ok: false,
             reason: "RotationDisabled",
             message: format!(
                 "{display} {expires} and rotation is disabled; enable rotation or change rotation.trigger"
             ),
         },
+        _ if rotation_off => Want {
+            type_: "ExpiryHandled",
+            ok: true,
+            reason: "NotDue",
+            message: "rotation is disabled; the token is not yet within renewBefore of its expiry".into(),
+        },
         _ => Want {
-            type_: "Expiring",
-            ok: false,
-            reason: "NotExpiring",
-            message: "not within renewBefore of expiry without rotation".into(),
+            type_: "ExpiryHandled",
+            ok: true,
+            reason: "RotatedBeforeExpiry",
+            message: "rotated automatically before it expires, or it never expires".into(),
         },
     };
-    vec![ready, issued, compliant, expiring]
+    vec![ready, issued, compliant, expiry]
 }
 
 /// Merges wanted conditions into existing ones, keeping `lastTransitionTime` when the status
