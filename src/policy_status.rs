@@ -38,7 +38,7 @@ pub fn desired_status(r: &PolicyReport, now: Timestamp) -> ApiTokenPolicyStatus 
             "False",
             "InvalidPolicy",
             format!(
-                "{p}; until this is fixed the policy applies to every namespace and refuses every ApiToken"
+                "{p}; until this is fixed, new ApiTokens in the namespaces it selects (every namespace when its namespaceSelector is at fault) are refused"
             ),
         ),
     };
@@ -127,7 +127,10 @@ mod tests {
             desired_status(&report(Some("lifetime.max: '0d' must be longer than zero"), Some(s)), later);
         let c = &bad.conditions[0];
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "InvalidPolicy"));
-        assert!(c.message.starts_with("lifetime.max: '0d'") && c.message.contains("refuses every ApiToken"));
+        assert!(
+            c.message.starts_with("lifetime.max: '0d'")
+                && c.message.contains("new ApiTokens in the namespaces it selects")
+        );
         assert_eq!(c.last_transition_time, Time(later));
     }
 }

@@ -156,6 +156,8 @@ fn the_examples_pass_a_server_side_dry_run() {
         ("examples/collector/deployment.yaml", "monitoring"),
         ("examples/policies/policies.yaml", "default"),
         ("examples/gitops/token.yaml", ns.name.as_str()),
+        ("examples/gitops/policy.yaml", "default"),
+        ("examples/gitops/rbac.yaml", "default"),
     ] {
         let out = support::kubectl()
             .args(["apply", "--dry-run=server", "-n", namespace, "-f"])

@@ -1,9 +1,13 @@
 //! Policy and admission against the real API server, acting as non-admin users: the scope
-//! ceiling from RBAC, policy limits and quotas, the creator record, defence in depth without the
-//! webhook, and the self-managed webhook certificate across a renewal.
+//! ceiling from RBAC, policy limits and quotas (per creator, namespace and label), the creator
+//! record, revocation and rotation never blocked by policy, policies that cannot be applied
+//! refused (schema and webhook) and their status, defence in depth without the webhook, and the
+//! self-managed webhook certificate across a renewal.
 
 mod support;
 
+use std::io::Write as _;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use apitoken_operator::api::{ApiToken, ApiTokenPolicy, Phase};
@@ -16,7 +20,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::operator::{Operator, chart_fullname, free_port, install_crds};
-use support::{TestNamespace, admin_client, client_as, wait_for};
+use support::{TestNamespace, admin_client, client_as, issued_token, kubectl, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -26,6 +30,8 @@ struct Setup {
     op: Operator,
     id: String,
     admin: Client,
+    /// The operator's TLS port (verification and admission).
+    port: u16,
 }
 
 async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
@@ -43,7 +49,7 @@ async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
     let port = free_port();
     let webhook_name = chart_fullname(&id);
     for (kind, path) in [("Validating", "validate"), ("Mutating", "mutate")] {
-        let config = json!({
+        let mut config = json!({
             "apiVersion": "admissionregistration.k8s.io/v1",
             "kind": format!("{kind}WebhookConfiguration"),
             "metadata": {"name": webhook_name},
@@ -56,6 +62,14 @@ async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
             }]
         });
         if kind == "Validating" {
+            // As the chart registers it; only this test's policies (by label) go through it.
+            config["webhooks"].as_array_mut().unwrap().push(json!({
+                "name": "validate-policy.apitoken.dev",
+                "clientConfig": {"url": format!("https://127.0.0.1:{port}/admission/validate-policy")},
+                "rules": [{"apiGroups": ["apitoken.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"], "resources": ["apitokenpolicies"], "scope": "Cluster"}],
+                "objectSelector": {"matchLabels": {"apitoken.dev/policy-test": id}},
+                "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 10
+            }));
             let c: ValidatingWebhookConfiguration = serde_json::from_value(config).unwrap();
             Api::<ValidatingWebhookConfiguration>::all(admin.clone())
                 .create(&PostParams::default(), &c)
@@ -85,7 +99,7 @@ async fn setup(prefix: &str, extra_args: &[&str]) -> Setup {
         .then_some(())
     })
     .await;
-    Setup { ns, op, id, admin }
+    Setup { ns, op, id, admin, port }
 }
 
 impl Setup {
@@ -114,9 +128,10 @@ impl Setup {
     async fn policy(&self, name: &str, spec: Value) {
         let mut spec = spec;
         spec["namespaceSelector"] = json!({"matchLabels": {"apitoken.dev/policy-test": self.id}});
-        let p: ApiTokenPolicy = serde_json::from_value(
-            json!({"metadata": {"name": format!("{}-{name}", self.id)}, "spec": spec}),
-        )
+        let p: ApiTokenPolicy = serde_json::from_value(json!({
+            "metadata": {"name": format!("{}-{name}", self.id), "labels": {"apitoken.dev/policy-test": self.id}},
+            "spec": spec
+        }))
         .unwrap();
         Api::<ApiTokenPolicy>::all(self.admin.clone()).create(&PostParams::default(), &p).await.unwrap();
     }
@@ -411,5 +426,238 @@ async fn the_self_managed_certificate_works_from_cold_start_and_across_renewal()
             .expect("admission after renewal");
     }
     assert!(s.op.log_text().contains("serving the renewed webhook certificate"));
+    s.cleanup().await;
+}
+
+/// `kubectl <args>` as admin with `stdin`; (success, stdout, stderr).
+fn kubectl_with(args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = kubectl()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// HTTP status of `POST /v1/verify` for `token` (curl; the token goes on stdin, not argv).
+fn verify_status(port: u16, token: &str) -> u16 {
+    let mut child = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json"])
+        .args(["--data-binary", "@-", &format!("https://127.0.0.1:{port}/v1/verify")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(json!({"token": token}).to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_token_a_tightened_policy_made_non_compliant_can_still_be_rotated_and_revoked() {
+    let s = setup("revoke", &[]).await;
+    s.grant(
+        "frank",
+        json!([{"apiGroups": ["scopes.apitoken.dev"], "resources": ["metrics"], "verbs": ["read"]}]),
+    )
+    .await;
+    let frank = client_as("frank", &[]).await;
+    let ns = s.ns.name.clone();
+    apply_as(&frank, &ns, "old", json!({"lifetime": "90d", "scopes": ["metrics:read"]})).await.unwrap();
+    let (tokens, secrets): (Api<ApiToken>, Api<Secret>) = (s.ns.api(), s.ns.api());
+    let token = issued_token(&tokens, &secrets, "old", None).await;
+    wait_for("the token to verify", T, || async { (verify_status(s.port, &token) == 200).then_some(()) })
+        .await;
+
+    // The platform tightens the policy: a 90d token is no longer allowed.
+    s.policy("tight", json!({"lifetime": {"max": "7d"}})).await;
+    wait_for("the tightened policy in force", T, || async {
+        apply_as(&frank, &ns, "probe", json!({"lifetime": "30d", "scopes": ["metrics:read"]})).await.err()
+    })
+    .await;
+    // Editing it in a way that keeps it non-compliant is still refused.
+    let err = apply_as(
+        &frank,
+        &ns,
+        "old",
+        json!({"lifetime": "90d", "scopes": ["metrics:read"], "description": "x"}),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("spec.lifetime") && err.contains("7d"), "{err}");
+
+    // Metadata only (the rotate annotation, as `kubectl annotate` and the plugin write it).
+    let (ok, out, err) = kubectl_with(
+        &["annotate", "-n", &ns, "apitoken", "old", "apitoken.dev/rotate=r1", "--overwrite"],
+        "",
+    );
+    assert!(ok, "the rotate annotation is accepted: {out}{err}");
+    // Revocation only takes rights away: never refused by policy.
+    let (ok, out, err) = kubectl_with(
+        &["patch", "-n", &ns, "apitoken", "old", "--type", "merge", "-p", r#"{"spec":{"revoked":true}}"#],
+        "",
+    );
+    assert!(ok, "revoking is accepted: {out}{err}");
+    wait_for("the revoked token to be rejected", T, || async {
+        (verify_status(s.port, &token) == 401).then_some(())
+    })
+    .await;
+    wait_for("Revoked", T, || async {
+        (tokens.get("old").await.ok()?.status?.phase == Some(Phase::Revoked)).then_some(())
+    })
+    .await;
+    // Un-revoking asks for a new token: reviewed against the policy as any grant.
+    let (ok, _, err) = kubectl_with(
+        &["patch", "-n", &ns, "apitoken", "old", "--type", "merge", "-p", r#"{"spec":{"revoked":false}}"#],
+        "",
+    );
+    assert!(!ok && err.contains("spec.lifetime"), "un-revoking a non-compliant token is refused: {err}");
+    s.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_policy_that_cannot_be_applied_is_refused_and_a_valid_one_reports_what_it_selects() {
+    let s = setup("polstatus", &[]).await;
+    let policy = |name: &str, spec: &str| {
+        format!(
+            "apiVersion: apitoken.dev/v1alpha1\nkind: ApiTokenPolicy\nmetadata:\n  name: {}-{name}\n  labels: {{apitoken.dev/policy-test: {}}}\nspec:\n{spec}\n",
+            s.id, s.id
+        )
+    };
+    // Refused by the schema (CEL rules, the operator enum) or by the webhook, each naming the field.
+    for (name, spec, expected) in [
+        ("zero", "  lifetime: {max: 0d}", "lifetime.max must be longer than zero"),
+        (
+            "order",
+            "  lifetime: {default: 90d, max: 30d}",
+            "lifetime.default must not be longer than lifetime.max",
+        ),
+        (
+            "operator",
+            "  namespaceSelector:\n    matchExpressions: [{key: tier, operator: Equals, values: [prod]}]",
+            "Unsupported value: \"Equals\"",
+        ),
+        (
+            "values",
+            "  namespaceSelector:\n    matchExpressions: [{key: tier, operator: In}]",
+            "In and NotIn need at least one value",
+        ),
+        ("scope", "  permissionSets: {read-only: [metrics]}", "spec.permissionSets"),
+        (
+            "setname",
+            "  permissionSets: {Read Only: [metrics:read]}",
+            "permissionSets: 'Read Only' is not a valid name",
+        ),
+    ] {
+        let (ok, out, err) = kubectl_with(&["apply", "-f", "-"], &policy(name, spec));
+        println!("{name}: {err}");
+        assert!(!ok, "{name} is refused: {out}");
+        assert!(err.contains(expected), "{name}: expected '{expected}' in: {err}");
+    }
+    // A valid one: Ready, and what it selects, where people look.
+    let (ok, out, err) = kubectl_with(
+        &["apply", "-f", "-"],
+        &policy(
+            "ok",
+            &format!(
+                "  namespaceSelector: {{matchLabels: {{apitoken.dev/policy-test: {}}}}}\n  lifetime: {{max: 30d}}",
+                s.id
+            ),
+        ),
+    );
+    assert!(ok, "{out}{err}");
+    for name in ["one", "two"] {
+        apply_as(&s.admin, &s.ns.name, name, json!({"lifetime": "7d"})).await.unwrap();
+    }
+    let name = format!("{}-ok", s.id);
+    let row = wait_for("Ready True, 1 namespace, 2 tokens", T, || async {
+        let out = kubectl().args(["get", "apitokenpolicy", &name]).output().ok()?;
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut lines = table.lines();
+        let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let row: Vec<&str> = lines.next()?.split_whitespace().collect();
+        let col = |h: &str| header.iter().position(|c| *c == h).and_then(|i| row.get(i).copied());
+        (col("READY") == Some("True") && col("NAMESPACES") == Some("1") && col("TOKENS") == Some("2"))
+            .then_some(table)
+    })
+    .await;
+    println!("{row}");
+    let status = Api::<ApiTokenPolicy>::all(s.admin.clone()).get(&name).await.unwrap().status.unwrap();
+    let ready = &status.conditions[0];
+    assert_eq!((ready.type_.as_str(), ready.reason.as_str()), ("Ready", "Valid"));
+    assert_eq!(ready.message, "in force in 1 namespace with 2 ApiTokens");
+    assert_eq!(status.observed_generation, Some(1));
+    s.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_per_label_quota_counts_tokens_per_label_value() {
+    let s = setup("perlabel", &[]).await;
+    // GitOps: every token is applied by the same ServiceAccount; teams are told apart by a label.
+    s.policy("teams", json!({"maxActiveTokens": {"perLabel": {"label": "team", "max": 2}}})).await;
+    let api: Api<ApiToken> = s.ns.api();
+    let apply = |name: &str, team: Option<&str>| {
+        let api = api.clone();
+        let mut body = json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken",
+            "metadata": {"name": name}, "spec": {"scopes": ["metrics:read"]}});
+        if let Some(t) = team {
+            body["metadata"]["labels"] = json!({"team": t});
+        }
+        let name = name.to_string();
+        async move {
+            api.patch(&name, &PatchParams::apply("argocd-controller").force(), &Patch::Apply(&body))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    for name in ["a1", "a2"] {
+        apply(name, Some("payments")).await.expect("within the quota of team=payments");
+    }
+    // The third of team=payments is refused (once the census has counted the first two).
+    let err = wait_for("the third payments token to be refused", T, || async {
+        match apply("a3", Some("payments")).await {
+            Err(e) => Some(e),
+            Ok(_) => {
+                let _ = api.delete("a3", &DeleteParams::default()).await;
+                None
+            }
+        }
+    })
+    .await;
+    println!("a3: {err}");
+    assert!(
+        err.contains("maxActiveTokens.perLabel")
+            && err.contains("team=payments")
+            && err.contains(&format!("{}-teams", s.id)),
+        "{err}"
+    );
+    // Another value has a count of its own; a token without the label is not counted.
+    apply("b1", Some("search")).await.expect("team=search is counted apart");
+    apply("u1", None).await.expect("unlabelled tokens are not counted by perLabel");
+    // Revoking one frees a slot for its value.
+    let (ok, _, err) = kubectl_with(
+        &[
+            "patch",
+            "-n",
+            &s.ns.name,
+            "apitoken",
+            "a1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"revoked":true}}"#,
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    wait_for("a freed payments slot", T, || async { apply("a3", Some("payments")).await.ok() }).await;
     s.cleanup().await;
 }

@@ -1,5 +1,6 @@
 //! Property-based fuzzing of the admission webhooks, in process: AdmissionReview bodies with
-//! arbitrary ApiToken objects (odd scopes, lifetimes, durations, prefixes, names), arbitrary
+//! arbitrary ApiToken objects (odd scopes, lifetimes, durations, prefixes, names) and
+//! ApiTokenPolicy objects (odd durations, selectors, permission sets, quotas), arbitrary
 //! operations and users, and plain junk. Whatever arrives the answer is a 2xx or 4xx, never a 5xx
 //! or a panic; a 200 is an AdmissionReview answering the request's uid. Bounded: a fixed number
 //! of cases per property.
@@ -85,13 +86,42 @@ fn api_token() -> impl Strategy<Value = Value> {
         })
 }
 
+fn api_token_policy() -> impl Strategy<Value = Value> {
+    (
+        (field(), field(), field(), field()),
+        proptest::collection::vec((field(), field(), proptest::collection::vec(field(), 0..3)), 0..3),
+        proptest::collection::btree_map("[a-zA-Z0-9 .-]{0,12}", proptest::collection::vec(field(), 0..3), 0..3),
+        (field(), field(), field(), field()),
+        proptest::option::of("[a-z0-9.-]{0,70}"),
+    )
+        .prop_map(|((default, max, never, grace), exprs, sets, (per_ns, per_creator, label, label_max), name)| {
+            let exprs: Vec<Value> =
+                exprs.into_iter().map(|(k, op, values)| json!({"key": k, "operator": op, "values": values})).collect();
+            json!({
+                "apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiTokenPolicy",
+                "metadata": {"name": name},
+                "spec": {
+                    "namespaceSelector": {"matchExpressions": exprs, "matchLabels": {"tier": default}},
+                    "permissionSets": sets,
+                    "lifetime": {"default": default, "max": max, "allowNever": never},
+                    "rotation": {"maxGracePeriod": grace},
+                    "maxActiveTokens": {"perNamespace": per_ns, "perCreator": per_creator, "perLabel": {"label": label, "max": label_max}},
+                },
+            })
+        })
+}
+
 fn review(object: &Value, old: Option<&Value>, operation: &str, user: &str) -> String {
+    let (kind, resource) = match object["kind"].as_str() {
+        Some("ApiTokenPolicy") => ("ApiTokenPolicy", "apitokenpolicies"),
+        _ => ("ApiToken", "apitokens"),
+    };
     json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
             "uid": "7f0b2a4c-0000-4000-8000-000000000001",
-            "kind": {"group": "apitoken.dev", "version": "v1alpha1", "kind": "ApiToken"},
-            "resource": {"group": "apitoken.dev", "version": "v1alpha1", "resource": "apitokens"},
+            "kind": {"group": "apitoken.dev", "version": "v1alpha1", "kind": kind},
+            "resource": {"group": "apitoken.dev", "version": "v1alpha1", "resource": resource},
             "namespace": "team-a", "operation": operation,
             "userInfo": {"username": user, "groups": ["system:authenticated"]},
             "object": object, "oldObject": old, "dryRun": false,
@@ -125,7 +155,20 @@ proptest! {
         user in prop_oneof![Just("alice".to_string()), Just("system:operator".to_string()), ".{0,20}"],
     ) {
         let body = review(&obj, old.as_ref(), &operation, &user);
-        for path in ["/admission/validate", "/admission/mutate"] {
+        for path in ["/admission/validate", "/admission/mutate", "/admission/validate-policy"] {
+            let (status, text) = call(path, body.clone());
+            check(status, &text)?;
+        }
+    }
+
+    #[test]
+    fn webhooks_never_fail_on_an_arbitrary_api_token_policy(
+        obj in api_token_policy(),
+        old in proptest::option::of(api_token_policy()),
+        operation in prop_oneof![Just("CREATE".to_string()), Just("UPDATE".to_string()), Just("DELETE".to_string()), "[A-Z]{0,8}"],
+    ) {
+        let body = review(&obj, old.as_ref(), &operation, "alice");
+        for path in ["/admission/validate-policy", "/admission/validate", "/admission/mutate"] {
             let (status, text) = call(path, body.clone());
             check(status, &text)?;
         }
@@ -133,7 +176,7 @@ proptest! {
 
     #[test]
     fn webhooks_never_fail_on_junk(body in prop_oneof![".{0,200}", "[\\[\\]{}\":,0-9a-zA-Z ]{0,80}"]) {
-        for path in ["/admission/validate", "/admission/mutate"] {
+        for path in ["/admission/validate", "/admission/mutate", "/admission/validate-policy"] {
             let (status, text) = call(path, body.clone());
             check(status, &text)?;
         }
@@ -150,4 +193,30 @@ fn the_stand_in_really_answers_and_a_valid_token_is_allowed() {
     assert_eq!(status, StatusCode::OK, "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["response"]["allowed"], true, "{text}");
+}
+
+#[test]
+fn the_policy_webhook_refuses_a_policy_that_cannot_be_applied_and_allows_a_valid_one() {
+    let policy = |spec: Value| json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiTokenPolicy", "metadata": {"name": "org"}, "spec": spec});
+    let answer = |spec: Value| {
+        let (status, text) =
+            call("/admission/validate-policy", review(&policy(spec), None, "CREATE", "alice"));
+        assert_eq!(status, StatusCode::OK, "{text}");
+        serde_json::from_str::<Value>(&text).unwrap()["response"].clone()
+    };
+    let ok =
+        answer(json!({"lifetime": {"max": "30d"}, "namespaceSelector": {"matchLabels": {"tier": "prod"}}}));
+    assert_eq!(ok["allowed"], true, "{ok}");
+    let refused = answer(json!({
+        "lifetime": {"max": "0d"},
+        "namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "Equals", "values": ["prod"]}]},
+    }));
+    assert_eq!(refused["allowed"], false, "{refused}");
+    let message = refused["status"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("ApiTokenPolicy org refused: ")
+            && message.contains("lifetime.max: '0d' must be longer than zero")
+            && message.contains("matchExpressions[0].operator: 'Equals' is not an operator"),
+        "{message}"
+    );
 }

@@ -169,7 +169,8 @@ pub struct RotationPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct ApiTokenPolicyStatus {
     /// Ready: True when the policy is valid and in force; False with the reason it cannot be
-    /// read (it then refuses every token in every namespace until it is fixed).
+    /// applied (it then refuses new tokens in the namespaces it selects, in every namespace when
+    /// its namespaceSelector is at fault, until it is fixed).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Namespaces the policy selects.
