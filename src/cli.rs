@@ -92,11 +92,11 @@ pub struct RunArgs {
     #[arg(long = "no-leader-election", overrides_with = "leader_election")]
     pub no_leader_election: bool,
 
-    /// Failed verifications a client may make per second, sustained, before it gets 429.
+    /// Failed verifications a client may make per second, sustained, before it is refused with `Retry-After` (429; 401 on /v1/auth).
     #[arg(long, env = "APITOKEN_FAILURES_PER_SECOND", default_value_t = 5)]
     pub failures_per_second: u32,
 
-    /// Failed verifications a client may make in a burst before it gets 429.
+    /// Failed verifications a client may make in a burst before it is refused with `Retry-After` (429; 401 on /v1/auth).
     #[arg(long, env = "APITOKEN_FAILURES_BURST", default_value_t = 20)]
     pub failures_burst: u32,
 

@@ -28,7 +28,9 @@ pub fn field_reference() -> String {
     use std::fmt::Write;
     let mut out = String::from(
         "# CRD field reference\n\nGenerated from the Rust types by `apitoken-operator crd --reference` \
-         (`make crds`); the same text `kubectl explain` shows.\n",
+         (`make crds`; a test keeps it current). The descriptions are the ones `kubectl explain` shows; \
+         types, defaults, allowed values and patterns come from the same schema the API server \
+         enforces. Rules across fields (CEL) are listed under `x-kubernetes-validations` in `crds/`.\n",
     );
     for crd in [ApiToken::crd(), ApiTokenPolicy::crd()] {
         let v = &crd.spec.versions[0];

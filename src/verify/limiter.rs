@@ -1,5 +1,6 @@
 //! Per-client limit on failed verifications: a client that keeps presenting bad tokens gets 429
-//! with `Retry-After` and costs almost nothing; valid callers are never counted.
+//! (401 on `/v1/auth`, which nginx must pass on) with `Retry-After` and costs almost nothing;
+//! valid callers are never counted.
 //! Memory is bounded: at most `MAX_BLOCKED` blocked clients are remembered, and idle limiter
 //! state is dropped periodically.
 
