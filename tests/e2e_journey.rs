@@ -183,6 +183,8 @@ async fn kubectl_by_every_name_columns_describe_rotate_revoke() {
 
     // describe and explain.
     let described = ok(kubectl(n, &["describe", "apitoken", "metrics-collector"]), "describe");
+    let by_short = ok(kubectl(n, &["describe", "apitok/metrics-collector"]), "describe apitok/NAME");
+    assert!(by_short.contains("TokenActive"), "{by_short}");
     for needle in ["TokenActive", "PolicyCompliant", "ExpiryHandled", "Issued", "metrics-collector-token"] {
         assert!(described.contains(needle), "describe lacks {needle}:\n{described}");
     }
@@ -220,7 +222,14 @@ async fn kubectl_by_every_name_columns_describe_rotate_revoke() {
     ok(
         kubectl(
             n,
-            &["patch", "apitoken", "metrics-collector", "--type=merge", "-p", r#"{"spec":{"revoked":true}}"#],
+            &[
+                "patch",
+                "apitokens",
+                "metrics-collector",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"revoked":true}}"#,
+            ],
         ),
         "kubectl patch revoked",
     );
@@ -257,7 +266,31 @@ async fn kubectl_by_every_name_columns_describe_rotate_revoke() {
     assert!(events.lines().any(|l| l.split_whitespace().eq(["Normal", "Revoked"])), "{events}");
     assert!(events.lines().any(|l| l.split_whitespace().eq(["Normal", "Rotated"])), "{events}");
 
-    ok(kubectl(n, &["delete", "apitoken", "metrics-collector", "--wait=true"]), "kubectl delete apitoken");
+    // The plugin, found by kubectl on PATH as people install it.
+    let plugin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_kubectl-apitoken")).parent().unwrap();
+    let path = format!("{}:{}", plugin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let plugin = |args: &[&str]| {
+        let mut cmd = support::kubectl();
+        cmd.env("PATH", &path).args(["apitoken", "-n", n]).args(args);
+        run(cmd, None)
+    };
+    let list = ok(plugin(&["list"]), "kubectl apitoken list");
+    assert!(list.contains("metrics-collector") && list.contains("Revoked"), "{list}");
+    let created = plugin(&["create", "ci", "--scope", "metrics:read", "--lifetime", "1h"]);
+    assert!(created.ok, "kubectl apitoken create: {}", created.stderr);
+    let printed = created.stdout.trim().to_string();
+    assert_eq!(printed, token_in(n, "ci"), "printed once, and it is the one in the Secret");
+    assert!(!created.stderr.contains(&printed), "the token is printed on stdout only");
+    assert_eq!(curl_verify(&url, &printed), 200);
+    let again = plugin(&["create", "ci", "--scope", "metrics:read"]);
+    assert!(!again.ok && again.stderr.contains("already exists"), "{}", again.stderr);
+    assert_eq!(token_in(n, "ci"), printed, "a refused create changes nothing");
+
+    // Delete by short name and by category.
+    ok(kubectl(n, &["delete", "apitok", "metrics-collector", "--wait=true"]), "kubectl delete apitok NAME");
+    ok(kubectl(n, &["delete", "apitoken-operator", "--all", "--wait=true"]), "kubectl delete CATEGORY --all");
+    let left = kubectl(n, &["get", "apitokens", "-o", "name"]);
+    assert!(left.ok && left.stdout.trim().is_empty(), "{}", left.stdout);
     ns.cleanup().await;
 }
 
