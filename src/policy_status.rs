@@ -81,7 +81,7 @@ pub async fn run(client: Client, view: PolicyView, shutdown: impl Future<Output 
                 // Deleted meanwhile: nothing to write.
                 Err(kube::Error::Api(e)) if e.code == 404 => {}
                 Err(e) => {
-                    warn!(policy = r.name, error = %e, "writing the ApiTokenPolicy status failed; retrying on the next change")
+                    warn!(policy = r.name, error = %e, "writing the ApiTokenPolicy status failed; retrying on the next change");
                 }
             }
         }

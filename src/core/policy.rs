@@ -533,8 +533,9 @@ mod tests {
         p.per_label = Some(LabelQuota { label: "team".into(), max: 2 });
         let s = vec!["metrics:read".to_string()];
         let full = Counts { by_label: Some(("payments".into(), 2)), ..Counts::default() };
-        let text =
-            describe(&evaluate(&ask(&s, None), std::slice::from_ref(&p), &[full.clone()]).unwrap_err());
+        let text = describe(
+            &evaluate(&ask(&s, None), std::slice::from_ref(&p), std::slice::from_ref(&full)).unwrap_err(),
+        );
         assert_eq!(
             text,
             "maxActiveTokens.perLabel: 2 active tokens already carry the label team=payments, the limit of ApiTokenPolicy gitops is 2; revoke or delete one first"
