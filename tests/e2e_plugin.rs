@@ -9,19 +9,25 @@ use std::time::Duration;
 
 use apitoken_operator::api::{ApiToken, ApiTokenPolicy};
 use apitoken_operator::core::token;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{DeleteParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
-use support::operator::{Operator, install_crds};
+use support::operator::{Operator, chart_fullname, free_port, install_crds};
 use support::own_cluster::verify_status;
-use support::{TestNamespace, admin_client, cluster, wait_for};
+use support::{TestNamespace, admin_client, cluster, kubeconfig_as, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 
 // The exit codes the plugin documents.
 const USAGE: i32 = 2;
 const REFUSED: i32 = 3;
+const TIMED_OUT: i32 = 4;
 const NOT_FOUND: i32 = 5;
 const EXISTS: i32 = 6;
 
@@ -497,5 +503,182 @@ async fn kubeconfig_and_context_flags() {
     assert_eq!(run.code, 1, "{run}");
     assert!(run.err.contains("/nonexistent/other"), "{run}");
     let _ = std::fs::remove_file(path);
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn waits_time_out_without_an_operator() {
+    install_crds().await;
+    let ns = TestNamespace::new("plugin-timeout").await;
+    let n = ns.name.as_str();
+    // Nobody reconciles here: the waits end on their timeout, with their own exit code.
+    let run = plugin(n, &["create", "ci", "--scope", "metrics:read", "--timeout", "1s"]);
+    assert_eq!(run.code, TIMED_OUT, "{run}");
+    assert!(run.out.is_empty(), "{run}");
+    assert!(run.err.contains("no status yet") && run.err.contains("is the operator running"), "{run}");
+    let run = plugin(n, &["rotate", "ci", "--timeout", "1s"]);
+    assert_eq!(run.code, TIMED_OUT, "{run}");
+    let run = plugin(n, &["revoke", "ci", "--timeout", "1s"]);
+    assert_eq!(run.code, TIMED_OUT, "{run}");
+    let run = plugin(n, &["reveal", "ci"]);
+    assert_eq!(run.code, 1, "not issued yet: {run}");
+    assert!(run.err.contains("has no token yet"), "{run}");
+    let run = plugin(n, &["delete", "ci"]);
+    assert!(run.ok(), "delete needs no operator: {run}");
+    ns.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_refused_secret_write_stops_the_wait() {
+    install_crds().await;
+    let ns = TestNamespace::new("plugin-write").await;
+    let n = ns.name.as_str();
+    // No Secret may be written here: the API server refuses the operator's write (403).
+    let admin = admin_client().await;
+    let policy: ValidatingAdmissionPolicy = serde_json::from_value(json!({
+        "metadata": {"name": n},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["secrets"]}]},
+            "validations": [{"expression": "false", "message": "no Secrets in this namespace", "reason": "Forbidden"}]
+        }
+    }))
+    .unwrap();
+    let binding: ValidatingAdmissionPolicyBinding = serde_json::from_value(json!({
+        "metadata": {"name": n},
+        "spec": {
+            "policyName": n, "validationActions": ["Deny"],
+            "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": n}}}
+        }
+    }))
+    .unwrap();
+    let policies = Api::<ValidatingAdmissionPolicy>::all(admin.clone());
+    let bindings = Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone());
+    policies.create(&PostParams::default(), &policy).await.unwrap();
+    bindings.create(&PostParams::default(), &binding).await.unwrap();
+    let secrets = ns.api::<Secret>();
+    wait_for("Secrets refused in the namespace", T, || async {
+        let probe: Secret = serde_json::from_value(json!({"metadata": {"name": "probe"}})).unwrap();
+        match secrets.create(&PostParams::default(), &probe).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => Some(()),
+            _ => {
+                let _ = secrets.delete("probe", &DeleteParams::default()).await;
+                None
+            }
+        }
+    })
+    .await;
+    let _op = Operator::start(n);
+    let run = plugin(n, &["create", "ci", "--scope", "metrics:read", "--timeout", "120s"]);
+    assert_eq!(run.code, REFUSED, "{run}");
+    assert!(run.out.is_empty(), "{run}");
+    assert!(run.err.contains("SecretWriteFailed") && run.err.contains("phase Failed"), "{run}");
+    let page = describe_until(n, "ci", &["SecretWriteFailed", "Warning"]).await;
+    assert!(page.lines().any(|l| l.starts_with("Phase:") && l.contains("Failed")), "{page}");
+    let _ = bindings.delete(n, &DeleteParams::default()).await;
+    let _ = policies.delete(n, &DeleteParams::default()).await;
+    ns.cleanup().await;
+}
+
+/// The operator's validating webhook in front of `ns` only (self-managed TLS; the operator
+/// injects its CA), named as the chart names it.
+async fn admission_operator(ns: &str) -> Operator {
+    let admin = admin_client().await;
+    let port = free_port();
+    let name = chart_fullname(ns);
+    // As the chart registers them: mutate records the creator, validate checks the ceiling.
+    let webhook = |path: &str| {
+        json!([{
+            "name": format!("{path}.apitoken.dev"),
+            "clientConfig": {"url": format!("https://127.0.0.1:{port}/admission/{path}")},
+            "rules": [{"apiGroups": ["apitoken.dev"], "apiVersions": ["v1alpha1"], "operations": ["CREATE", "UPDATE"], "resources": ["apitokens"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}},
+            "failurePolicy": "Fail", "sideEffects": "None", "admissionReviewVersions": ["v1"], "timeoutSeconds": 10
+        }])
+    };
+    let validating: ValidatingWebhookConfiguration =
+        serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": webhook("validate")})).unwrap();
+    let mutating: MutatingWebhookConfiguration =
+        serde_json::from_value(json!({"metadata": {"name": name}, "webhooks": webhook("mutate")})).unwrap();
+    let configs = Api::<ValidatingWebhookConfiguration>::all(admin.clone());
+    configs.create(&PostParams::default(), &validating).await.unwrap();
+    let mutating_configs = Api::<MutatingWebhookConfiguration>::all(admin);
+    mutating_configs.create(&PostParams::default(), &mutating).await.unwrap();
+    let mut op = Operator::start_as_chart(ns, "controller,admission", port);
+    op.kill();
+    op.args.retain(|a| a != "--plain-http");
+    op.restart();
+    let has = |b: Option<&k8s_openapi::ByteString>| b.is_some_and(|b| !b.0.is_empty());
+    wait_for("caBundle injected", T, || async {
+        let v = configs.get(&name).await.ok()?;
+        let m = mutating_configs.get(&name).await.ok()?;
+        (has(v.webhooks?[0].client_config.ca_bundle.as_ref())
+            && has(m.webhooks?[0].client_config.ca_bundle.as_ref()))
+        .then_some(())
+    })
+    .await;
+    op
+}
+
+#[tokio::test]
+async fn admission_refusals_print_the_api_servers_message() {
+    install_crds().await;
+    let ns = TestNamespace::new("plugin-admission").await;
+    let n = ns.name.as_str();
+    let _op = admission_operator(n).await;
+    // alice may manage ApiTokens here but holds no scope: the ceiling refuses her any.
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "apitokens"},
+        "rules": [{"apiGroups": ["apitoken.dev"], "resources": ["apitokens"], "verbs": ["create", "get", "list", "patch", "delete"]}]
+    }))
+    .unwrap();
+    ns.api::<Role>().create(&PostParams::default(), &role).await.unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "alice"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "apitokens"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
+    }))
+    .unwrap();
+    ns.api::<RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
+    let alice = kubeconfig_as("alice", &[]);
+    let alice = alice.to_str().unwrap();
+
+    // Until the webhook serves, the API server answers "failed calling webhook": retry that.
+    let run = wait_for("the webhook answers", T, || async {
+        let run = finish(
+            command()
+                .args(["--kubeconfig", alice, "-n", n, "create", "ci", "--scope", "metrics:read"])
+                .env("KUBECONFIG", "/nonexistent/kubeconfig")
+                .output()
+                .unwrap(),
+        );
+        (!run.err.contains("failed calling webhook")).then_some(run)
+    })
+    .await;
+    assert_eq!(run.code, REFUSED, "{run}");
+    assert!(run.out.is_empty(), "{run}");
+    assert!(
+        run.err.contains("denied the request")
+            && run.err.contains("alice may not grant")
+            && run.err.contains("metrics:read"),
+        "the API server's message: {run}"
+    );
+    assert!(ns.api::<ApiToken>().get_opt("ci").await.unwrap().is_none(), "nothing was created");
+    // RBAC's own refusal: alice may read the ApiToken an admin created, not its Secret.
+    let token = created(&plugin(n, &["create", "shared", "--scope", "metrics:read"]));
+    let run = finish(
+        command()
+            .args(["--kubeconfig", alice, "-n", n, "reveal", "shared"])
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(run.code, REFUSED, "{run}");
+    assert!(run.err.contains("not allowed") && run.err.contains("secrets"), "{run}");
+    no_plaintext(&[&token], &format!("{}{}", run.out, run.err));
+    let admin = admin_client().await;
+    let dp = DeleteParams::default();
+    let _ = Api::<ValidatingWebhookConfiguration>::all(admin.clone()).delete(&chart_fullname(n), &dp).await;
+    let _ = Api::<MutatingWebhookConfiguration>::all(admin).delete(&chart_fullname(n), &dp).await;
     ns.cleanup().await;
 }

@@ -35,7 +35,8 @@ const MANAGER: &str = "kubectl-apitoken";
 /// How often a wait looks at the ApiToken again.
 const POLL: Duration = Duration::from_millis(200);
 /// Ready=False reasons with which the operator says it will not issue the current spec.
-const FAILURE_REASONS: [&str; 4] = ["SecretConflict", "SecretWriteFailed", "InvalidSpec", "PolicyViolation"];
+const FAILURE_REASONS: [&str; 5] =
+    ["SecretConflict", "SecretWriteFailed", "SecretInvalid", "InvalidSpec", "PolicyViolation"];
 /// The Event the operator records when it refuses a requested rotation.
 const ROTATION_REFUSED: &str = "RotationRefused";
 
@@ -45,13 +46,16 @@ Exit codes:
   1  any other error: kubeconfig, connection, an unexpected answer from the API server
   2  usage: an unknown command or flag, or an invalid value (e.g. --phase)
   3  refused: by the API server (RBAC, validation, an admission webhook), by policy, or by the
-     operator (SecretConflict, SecretWriteFailed, InvalidSpec, a rotation of a token that no
-     longer complies); or the token is Revoked, Expired, Denied or Failed
+     operator (SecretConflict, SecretWriteFailed, SecretInvalid, InvalidSpec, a rotation of a
+     token that no longer complies); or the token is Revoked, Expired, Denied or Failed
   4  timed out waiting for the operator (is it running and watching the namespace?)
   5  not found: the ApiToken (or its Secret, or the namespace) does not exist
   6  already exists: `create` of a name that is taken
 
 Flags go after `apitoken`: kubectl apitoken --context prod -n team-a list";
+
+/// The API server's address, for messages about not reaching it.
+static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// What went wrong, and the exit code that tells scripts which kind it was.
 #[derive(Debug)]
@@ -266,8 +270,14 @@ fn api_error(e: kube::Error, what: &str) -> Failure {
     let s = match e {
         kube::Error::Api(s) => s,
         other => {
+            // kube's own text stops at "client error (Connect)": the innermost cause says why.
+            let mut cause: &dyn std::error::Error = &other;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            let server = SERVER.get().map_or_else(String::new, |s| format!(" at {s}"));
             return Failure::Other(format!(
-                "talking to the Kubernetes API failed: {other}; is the cluster reachable with this kubeconfig and context?"
+                "talking to the Kubernetes API{server} failed: {other} ({cause}); is the cluster reachable with this kubeconfig and context?"
             ));
         }
     };
@@ -283,6 +293,8 @@ fn api_error(e: kube::Error, what: &str) -> Failure {
             "the API server did not accept the credentials ({}); check the kubeconfig's user",
             s.message
         )),
+        // An admission webhook's refusal says why itself; RBAC's says only "forbidden".
+        403 if s.message.contains("admission webhook") => Failure::Refused(s.message.clone()),
         403 => Failure::Refused(format!("not allowed: {}", s.message)),
         400 | 422 => Failure::Refused(s.message.clone()),
         _ => Failure::Other(format!("{what}: {} (HTTP {})", s.message, s.code)),
@@ -326,7 +338,7 @@ async fn connect(cli: &Cli) -> Res<Ctx> {
     };
     let config = if let Some(path) = &cli.kubeconfig {
         let kc = Kubeconfig::read_from(path)
-            .map_err(|e| Failure::Other(format!("cannot read kubeconfig {}: {e}", path.display())))?;
+            .map_err(|e| Failure::Other(format!("cannot read the kubeconfig: {e}")))?;
         Config::from_custom_kubeconfig(kc, &options)
             .await
             .map_err(|e| Failure::Other(format!("kubeconfig {}: {e}", path.display())))?
@@ -336,6 +348,7 @@ async fn connect(cli: &Cli) -> Res<Ctx> {
         Config::infer().await.map_err(|e| Failure::Other(format!("no usable kubeconfig: {e}")))?
     };
     let ns = cli.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+    let _ = SERVER.set(config.cluster_url.to_string());
     let client = Client::try_from(config)
         .map_err(|e| Failure::Other(format!("cannot build a Kubernetes client: {e}")))?;
     Ok(Ctx {
