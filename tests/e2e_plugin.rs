@@ -495,7 +495,7 @@ async fn kubeconfig_and_context_flags() {
     // Without --context the file's current context is used: the dead server.
     let run = with(&["--kubeconfig", path, "-n", n, "list"]);
     assert_eq!(run.code, 1, "{run}");
-    assert!(run.err.contains("talking to the Kubernetes API failed"), "{run}");
+    assert!(run.err.contains("talking to the Kubernetes API at https://127.0.0.1:1/ failed"), "{run}");
     let run = with(&["--kubeconfig", path, "--context", "nope", "-n", n, "list"]);
     assert_eq!(run.code, 1, "{run}");
     assert!(run.err.contains("nope"), "names the missing context: {run}");
