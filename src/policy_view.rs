@@ -29,10 +29,18 @@ struct CensusEntry {
 }
 
 /// Does this token count against quotas? Everything not revoked, expired or refused.
+/// A Failed token still counts while it holds an issued token (a Secret conflict or a refused
+/// Secret write after issuance leaves that token valid).
 pub fn is_active(at: &ApiToken) -> bool {
-    let phase = at.status.as_ref().and_then(|s| s.phase);
+    let status = at.status.as_ref();
+    let phase = status.and_then(|s| s.phase);
+    let holds_token = status.is_some_and(|s| s.token_hash.is_some());
     !at.spec.revoked
-        && !matches!(phase, Some(Phase::Expired | Phase::Revoked | Phase::Denied | Phase::Failed))
+        && match phase {
+            Some(Phase::Expired | Phase::Revoked | Phase::Denied) => false,
+            Some(Phase::Failed) => holds_token,
+            _ => true,
+        }
 }
 
 #[derive(Clone)]
@@ -457,6 +465,26 @@ mod tests {
             text.contains("matchExpressions[0].operator: 'in'") && text.contains("lifetime.max: '0d'"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn quotas_count_what_can_still_be_used() {
+        use crate::api::ApiTokenStatus;
+        let with = |phase, hash: Option<&str>, revoked| {
+            let mut at = token("t");
+            at.spec.revoked = revoked;
+            at.status =
+                Some(ApiTokenStatus { phase, token_hash: hash.map(Into::into), ..ApiTokenStatus::default() });
+            is_active(&at)
+        };
+        assert!(with(None, None, false), "pending counts: it is about to be issued");
+        assert!(with(Some(Phase::Active), Some("sha256:x"), false));
+        assert!(with(Some(Phase::Failed), Some("sha256:x"), false), "Failed with a valid token counts");
+        assert!(!with(Some(Phase::Failed), None, false), "Failed before issuance does not");
+        for phase in [Phase::Expired, Phase::Revoked, Phase::Denied] {
+            assert!(!with(Some(phase), Some("sha256:x"), false), "{phase:?}");
+        }
+        assert!(!with(Some(Phase::Active), Some("sha256:x"), true), "revoked in spec");
     }
 
     #[test]

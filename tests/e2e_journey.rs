@@ -140,6 +140,7 @@ fn quickstart(ns: &str) -> String {
 }
 
 #[tokio::test]
+#[allow(clippy::too_many_lines)] // one person's session, step by step, reads best in one place
 async fn kubectl_by_every_name_columns_describe_rotate_revoke() {
     install_crds_with_kubectl();
     let ns = TestNamespace::new("journey").await;

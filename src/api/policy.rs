@@ -85,7 +85,8 @@ pub struct ApiTokenPolicySpec {
     #[serde(default)]
     pub lifetime: LifetimePolicy,
 
-    /// Quotas on tokens that are not revoked, expired or denied.
+    /// Quotas on tokens that are not revoked, expired or denied (a Failed token counts while it
+    /// still holds an issued token).
     #[serde(default)]
     pub max_active_tokens: MaxActiveTokens,
 

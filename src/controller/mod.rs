@@ -192,7 +192,7 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         || matches!(current.phase, plan::Phase::Revoked | plan::Phase::Denied | plan::Phase::Expired);
     let evaluation = ctx
         .policies
-        .for_namespace(&ns, creator.as_deref(), Some(&obj.name_any()))
+        .for_token(&ns, creator.as_deref(), Some(&obj.name_any()), Some(obj.labels()))
         .map_err(|e| vec![Violation { field: "ApiTokenPolicy", message: e }])
         .and_then(|(policies, counts)| {
             let ask = Ask {
@@ -214,8 +214,9 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
                 fail(obj, ctx, &tokens, &status, None, &failed, "InvalidSpec", message).await?;
                 return Ok(Step::Done(None));
             }
-            // An issued token is not silently revoked when a policy tightens.
-            Ok(d) if !new_issuance && current.phase == plan::Phase::Active => {
+            // An issued token is not silently revoked when a policy tightens; a revoked one has
+            // nothing to issue, so it stays Revoked (the violations are still reported).
+            Ok(d) if obj.spec.revoked || (!new_issuance && current.phase == plan::Phase::Active) => {
                 (d, Some(policy::describe(&violations)))
             }
             Ok(_) => {
