@@ -502,6 +502,18 @@ async fn kubeconfig_and_context_flags() {
     let run = with(&["--kubeconfig", "/nonexistent/other", "list"]);
     assert_eq!(run.code, 1, "{run}");
     assert!(run.err.contains("/nonexistent/other"), "{run}");
+    // As people type it: kubectl finds the plugin on PATH and hands it every argument.
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-apitoken")).parent().unwrap();
+    let path_var = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let run = finish(
+        support::kubectl()
+            .args(["apitoken", "--kubeconfig", path, "--context", "local", "-n", n, "list", "-o", "json"])
+            .env("PATH", path_var)
+            .output()
+            .unwrap(),
+    );
+    assert!(run.ok(), "{run}");
+    assert_eq!(serde_json::from_str::<Value>(&run.out).unwrap()["items"][0]["metadata"]["name"], "ci");
     let _ = std::fs::remove_file(path);
     ns.cleanup().await;
 }
