@@ -287,9 +287,10 @@ async fn kubectl_by_every_name_columns_describe_rotate_revoke() {
     assert!(!again.ok && again.stderr.contains("already exists"), "{}", again.stderr);
     assert_eq!(token_in(n, "ci"), printed, "a refused create changes nothing");
 
-    // Delete by short name and by category.
+    // Delete by short name and by plural. (Not `delete apitoken-operator --all`: the category
+    // holds the cluster-scoped ApiTokenPolicies too, and that would delete every one of them.)
     ok(kubectl(n, &["delete", "apitok", "metrics-collector", "--wait=true"]), "kubectl delete apitok NAME");
-    ok(kubectl(n, &["delete", "apitoken-operator", "--all", "--wait=true"]), "kubectl delete CATEGORY --all");
+    ok(kubectl(n, &["delete", "apitokens", "--all", "--wait=true"]), "kubectl delete apitokens --all");
     let left = kubectl(n, &["get", "apitokens", "-o", "name"]);
     assert!(left.ok && left.stdout.trim().is_empty(), "{}", left.stdout);
     ns.cleanup().await;

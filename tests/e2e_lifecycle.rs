@@ -88,11 +88,15 @@ async fn a_new_token_is_active_with_its_secret_within_2s() {
     assert_eq!(status.expires_at.clone().unwrap().0, issued + jiff::SignedDuration::from_hours(90 * 24));
     assert_eq!(status.renew_at.clone().unwrap().0, issued + jiff::SignedDuration::from_hours(60 * 24));
 
-    // kubectl get shows the §4 columns.
+    // kubectl get shows the §4 columns, and READY.
     let out = support::kubectl().args(["get", "apitok", "-n", &ns.name]).output().unwrap();
     let out = String::from_utf8(out.stdout).unwrap();
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST", "USED", "AGE"], "{out}");
+    assert_eq!(
+        header,
+        ["NAME", "READY", "TOKEN", "SCOPES", "PHASE", "EXPIRES", "LAST", "USED", "AGE"],
+        "{out}"
+    );
     assert!(out.contains(&status.display.unwrap()) && out.contains("Active"), "{out}");
     ns.cleanup().await;
 }
