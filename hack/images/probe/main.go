@@ -5,12 +5,16 @@
 //	probe serve ADDR DIR      serve the files under DIR over HTTP (GET /NAME) until killed
 //	probe get URL [WANT]      GET URL, print the body; fail unless 200 (and the body contains WANT)
 //	probe lookup NAME         resolve NAME with the pod's /etc/resolv.conf, print the addresses
+//	probe kube PATH           GET PATH from the API server through the kubernetes Service, with
+//	                          the pod's service account token and CA (fails unless 200)
 //	probe cat FILE...         print files
 //	probe sleep               block until killed
 package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"net"
@@ -24,7 +28,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fail("usage: probe serve ADDR DIR | get URL [WANT] | lookup NAME | cat FILE... | sleep")
+		fail("usage: probe serve ADDR DIR | get URL [WANT] | lookup NAME | kube PATH | cat FILE... | sleep")
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
@@ -61,6 +65,39 @@ func main() {
 			fail("lookup %s: %v", args[0], err)
 		}
 		fmt.Println(strings.Join(addrs, " "))
+	case "kube":
+		need(args, 1)
+		const sa = "/var/run/secrets/kubernetes.io/serviceaccount/"
+		token, err := os.ReadFile(sa + "token")
+		if err != nil {
+			fail("kube: %v", err)
+		}
+		ca, err := os.ReadFile(sa + "ca.crt")
+		if err != nil {
+			fail("kube: %v", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(ca) {
+			fail("kube: no certificate in %sca.crt", sa)
+		}
+		url := "https://" + net.JoinHostPort(os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")) + args[0]
+		req, err := http.NewRequest(http.MethodGet, url, nil)
+		if err != nil {
+			fail("kube: %v", err)
+		}
+		req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+		client := http.Client{Timeout: 10 * time.Second,
+			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+		resp, err := client.Do(req)
+		if err != nil {
+			fail("kube %s: %v", url, err)
+		}
+		body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		_ = resp.Body.Close()
+		fmt.Printf("%s\n", body)
+		if resp.StatusCode != http.StatusOK {
+			fail("kube %s: status %d", url, resp.StatusCode)
+		}
 	case "cat":
 		need(args, 1)
 		for _, f := range args {
