@@ -62,6 +62,21 @@ pub struct RunArgs {
     #[arg(long, env = "APITOKEN_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// CA certificate (PEM) that issued --tls-cert (cert-manager's `ca.crt`), published in
+    /// --ca-configmap for clients. Re-read with the certificate files.
+    #[arg(long, env = "APITOKEN_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// How often --tls-cert, --tls-key and --tls-ca are checked for changes (cert-manager renews
+    /// them in place).
+    #[arg(long, env = "APITOKEN_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub tls_reload_interval: jiff::SignedDuration,
+
+    /// ConfigMap in --operator-namespace where the operator publishes the CA certificate clients
+    /// must trust (key `ca.crt`; never the key). Default `<service-name>-ca`; "" publishes nothing.
+    #[arg(long, env = "APITOKEN_CA_CONFIGMAP")]
+    pub ca_configmap: Option<String>,
+
     /// Serve --listen without TLS (local development and tests only).
     #[arg(long, env = "APITOKEN_PLAIN_HTTP")]
     pub plain_http: bool,
@@ -91,6 +106,23 @@ pub struct RunArgs {
     /// Run the controller without leader election.
     #[arg(long = "no-leader-election", overrides_with = "leader_election")]
     pub no_leader_election: bool,
+
+    /// Lease the controller replicas elect their leader on, in --operator-namespace (one per
+    /// release: two releases sharing a Lease would share one leader).
+    #[arg(long, env = "APITOKEN_LEASE_NAME", default_value = "apitoken-operator")]
+    pub lease_name: String,
+
+    /// After SIGTERM: /readyz answers 503 at once while --listen keeps serving for this long (so
+    /// endpoint controllers and load balancers stop sending traffic), then new connections are
+    /// refused, requests in flight finish and the Lease is released.
+    #[arg(long, env = "APITOKEN_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_delay)]
+    pub shutdown_delay: jiff::SignedDuration,
+
+    /// Proxies (CIDRs or addresses, comma-separated) whose X-Forwarded-For / X-Real-IP are
+    /// believed: a request from one of them is counted against the right-most address of
+    /// X-Forwarded-For that is not itself a trusted proxy. From anyone else these headers are ignored.
+    #[arg(long, env = "APITOKEN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
+    pub trusted_proxies: Vec<crate::verify::limiter::Cidr>,
 
     /// Failed verifications a client may make per second, sustained, before it is refused with `Retry-After` (429; 401 on /v1/auth).
     #[arg(long, env = "APITOKEN_FAILURES_PER_SECOND", default_value_t = 5)]
@@ -138,7 +170,38 @@ fn parse_validity(s: &str) -> Result<jiff::SignedDuration, String> {
     Ok(d)
 }
 
+fn parse_interval(s: &str) -> Result<jiff::SignedDuration, String> {
+    let d = crate::core::lifetime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < jiff::SignedDuration::from_secs(1) {
+        return Err("must be at least 1s".into());
+    }
+    Ok(d)
+}
+
+fn parse_delay(s: &str) -> Result<jiff::SignedDuration, String> {
+    use crate::core::lifetime::DurationError;
+    match crate::core::lifetime::parse_duration(s) {
+        Ok(d) => Ok(d),
+        Err(DurationError::Zero(_)) => Ok(jiff::SignedDuration::ZERO),
+        Err(_) if s == "0" => Ok(jiff::SignedDuration::ZERO),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_cidr(s: &str) -> Result<crate::verify::limiter::Cidr, String> {
+    s.trim().parse()
+}
+
 impl RunArgs {
+    /// The ConfigMap the CA is published in, if any.
+    pub fn ca_configmap(&self) -> Option<String> {
+        match &self.ca_configmap {
+            Some(name) if name.is_empty() => None,
+            Some(name) => Some(name.clone()),
+            None => Some(format!("{}-ca", self.service_name)),
+        }
+    }
+
     pub fn leader_election(&self) -> bool {
         self.leader_election && !self.no_leader_election
     }
@@ -177,6 +240,40 @@ mod tests {
         };
         assert!(!run.leader_election());
         assert!(run.runs(Component::Verify) && !run.runs(Component::Controller));
+    }
+
+    #[test]
+    fn operations_flags_have_defaults_and_parse() {
+        let Command::Run(run) = parse(&["run"]).unwrap().command else { panic!("not run") };
+        assert_eq!(run.lease_name, "apitoken-operator");
+        assert_eq!(run.shutdown_delay, jiff::SignedDuration::from_secs(5));
+        assert_eq!(run.ca_configmap().as_deref(), Some("apitoken-operator-ca"));
+        assert!(run.trusted_proxies.is_empty());
+        let Command::Run(run) = parse(&[
+            "run",
+            "--service-name",
+            "r1-apitoken",
+            "--lease-name",
+            "r1",
+            "--shutdown-delay",
+            "0s",
+            "--trusted-proxies",
+            "10.0.0.0/8,192.168.1.7",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(run.ca_configmap().as_deref(), Some("r1-apitoken-ca"));
+        assert_eq!((run.lease_name.as_str(), run.shutdown_delay), ("r1", jiff::SignedDuration::ZERO));
+        assert_eq!(run.trusted_proxies.len(), 2);
+        let Command::Run(run) = parse(&["run", "--ca-configmap", ""]).unwrap().command else { panic!() };
+        assert_eq!(run.ca_configmap(), None, "empty: nothing published");
+        let err = parse(&["run", "--trusted-proxies", "10.0.0.0/40"]).unwrap_err().to_string();
+        assert!(err.contains("10.0.0.0/40") && err.contains("CIDR"), "{err}");
+        let err = parse(&["run", "--tls-ca", "/ca.crt"]).unwrap_err().to_string();
+        assert!(err.contains("--tls-cert"), "{err}");
     }
 
     #[test]

@@ -27,10 +27,11 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(namespace: &str, identity: String) -> Self {
+    /// The Lease `name` in `namespace` (`--lease-name`, `--operator-namespace`).
+    pub fn new(namespace: &str, name: &str, identity: String) -> Self {
         Self {
             namespace: namespace.to_string(),
-            name: "apitoken-operator".into(),
+            name: name.to_string(),
             identity,
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
@@ -228,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_new_holder_counts_a_transition_and_renewals_do_not() {
-        let s = Settings::new("ns", "a".into());
+        let s = Settings::new("ns", "apitoken-operator", "a".into());
         let taken = held_spec(&s, Some(&held("b", 0, 15)), t(20));
         assert_eq!(taken.lease_transitions, Some(1));
         let renewed = held_spec(&s, Some(&taken), t(22));

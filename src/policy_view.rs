@@ -54,8 +54,19 @@ pub struct PolicyView {
 }
 
 impl PolicyView {
-    /// Starts the watches (driven by the returned future, which runs forever).
+    /// Starts the watches (driven by the returned future, which runs forever), counting the
+    /// ApiTokens of every namespace.
     pub fn start(client: &Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        Self::start_in(client, None)
+    }
+
+    /// As [`Self::start`]; with `namespace` (`--namespace`) the census watches ApiTokens in that
+    /// namespace only. Policies and namespace labels stay cluster-wide reads (both are
+    /// cluster-scoped).
+    pub fn start_in(
+        client: &Client,
+        namespace: Option<&str>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let (policies, pw) = reflector::store();
         let (namespaces, nw) = reflector::store();
         let census = Arc::new(RwLock::new(HashMap::new()));
@@ -73,8 +84,12 @@ impl PolicyView {
         )
         .backoff(crate::backoff::Bounded::watches())
         .touched_objects();
-        let tokens = watcher(Api::<ApiToken>::all(client.clone()), watcher::Config::default())
-            .backoff(crate::backoff::Bounded::watches());
+        let token_api: Api<ApiToken> = match namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        };
+        let tokens =
+            watcher(token_api, watcher::Config::default()).backoff(crate::backoff::Bounded::watches());
         let (sink, mut building) = (census.clone(), CensusSink::default());
         let tx2 = tx.clone();
         let (touch1, touch2, touch3) = (touched.clone(), touched.clone(), touched.clone());

@@ -1,9 +1,11 @@
-//! Self-managed webhook certificates: a CA and a serving certificate (rcgen), kept in a Secret so
-//! every replica serves the same one, the CA injected into our webhook configurations, and the
-//! serving certificate renewed from the same CA before it expires — swapped into the running
-//! server without a restart, so the API server never sees a failed handshake.
+//! Self-managed serving certificates: a CA and a serving certificate (rcgen), kept in a Secret so
+//! every replica (admission and verification alike) serves the same one for the Service's DNS
+//! names, the CA injected into our webhook configurations (when admission runs) and published in
+//! a ConfigMap for verification clients, and the serving certificate renewed from the same CA
+//! before it expires — swapped into the running server without a restart, so neither the API
+//! server nor a client sees a failed handshake.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -12,18 +14,17 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
-use tokio_rustls::rustls::crypto::ring::sign::any_supported_type;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::{ClientHello, ResolvesServerCert};
+use tokio::sync::watch;
 use tokio_rustls::rustls::sign::CertifiedKey;
 use tracing::{info, warn};
+
+pub use crate::verify::tls::SwappableCert;
 
 const CA_CN: &str = "apitoken-operator-webhook-ca";
 const NOT_AFTER_KEY: &str = "tls.not-after";
@@ -35,8 +36,9 @@ pub struct CertSettings {
     pub secret_name: String,
     pub dns_names: Vec<String>,
     pub validity: SignedDuration,
-    /// Names of the Validating/MutatingWebhookConfigurations whose caBundle we keep current.
-    pub webhook_config: String,
+    /// Names of the Validating/MutatingWebhookConfigurations whose caBundle we keep current;
+    /// `None` (no admission here): webhook configurations are never read or written.
+    pub webhook_config: Option<String>,
 }
 
 /// PEM material of one generation.
@@ -113,34 +115,10 @@ pub fn renew_at(m: &Material, validity: SignedDuration) -> Timestamp {
     m.not_after - SignedDuration::from_secs(validity.as_secs() / 3)
 }
 
-fn certified_key(m: &Material) -> anyhow::Result<Arc<CertifiedKey>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(m.tls_crt.as_bytes())
-        .collect::<Result<_, _>>()
-        .context("serving certificate PEM")?;
-    let key = PrivateKeyDer::from_pem_slice(m.tls_key.as_bytes()).context("serving key PEM")?;
-    let signing = any_supported_type(&key).context("serving key type")?;
-    Ok(Arc::new(CertifiedKey::new(certs, signing)))
-}
-
-/// The serving certificate, swappable while the server runs.
-#[derive(Debug)]
-pub struct SwappableCert(RwLock<Arc<CertifiedKey>>);
-
-impl SwappableCert {
-    pub fn new(m: &Material) -> anyhow::Result<Arc<Self>> {
-        Ok(Arc::new(Self(RwLock::new(certified_key(m)?))))
-    }
-
-    pub fn swap(&self, m: &Material) -> anyhow::Result<()> {
-        *self.0.write().expect("cert lock") = certified_key(m)?;
-        Ok(())
-    }
-}
-
-impl ResolvesServerCert for SwappableCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.read().expect("cert lock").clone())
-    }
+/// The serving certificate and key of `m`, ready for rustls.
+pub fn certified_key(m: &Material) -> anyhow::Result<Arc<CertifiedKey>> {
+    crate::verify::tls::certified_key(m.tls_crt.as_bytes(), m.tls_key.as_bytes())
+        .context("the serving certificate in the Secret")
 }
 
 fn text(s: &Secret, key: &str) -> Option<String> {
@@ -222,14 +200,16 @@ pub async fn ensure(client: &Client, settings: &CertSettings, now: Timestamp) ->
     anyhow::bail!("the webhook certificate Secret kept changing under us")
 }
 
-/// Puts the CA into every webhook of our Validating/MutatingWebhookConfigurations.
+/// Puts the CA into every webhook of our Validating/MutatingWebhookConfigurations (none without
+/// admission).
 pub async fn inject_ca_bundle(client: &Client, settings: &CertSettings, ca_pem: &str) -> anyhow::Result<()> {
+    let Some(name) = settings.webhook_config.as_deref() else { return Ok(()) };
     let bundle = ByteString(ca_pem.as_bytes().to_vec());
-    inject_into::<ValidatingWebhookConfiguration>(client, settings, &bundle, |c| {
+    inject_into::<ValidatingWebhookConfiguration>(client, name, &bundle, |c| {
         c.webhooks.iter_mut().flatten().map(|w| &mut w.client_config).collect()
     })
     .await?;
-    inject_into::<MutatingWebhookConfiguration>(client, settings, &bundle, |c| {
+    inject_into::<MutatingWebhookConfiguration>(client, name, &bundle, |c| {
         c.webhooks.iter_mut().flatten().map(|w| &mut w.client_config).collect()
     })
     .await
@@ -237,7 +217,7 @@ pub async fn inject_ca_bundle(client: &Client, settings: &CertSettings, ca_pem: 
 
 async fn inject_into<K>(
     client: &Client,
-    settings: &CertSettings,
+    name: &str,
     bundle: &ByteString,
     configs: impl Fn(&mut K) -> Vec<&mut WebhookClientConfig>,
 ) -> anyhow::Result<()>
@@ -249,7 +229,7 @@ where
         + std::fmt::Debug,
 {
     let api: Api<K> = Api::all(client.clone());
-    let Some(mut c) = api.get_opt(&settings.webhook_config).await? else { return Ok(()) };
+    let Some(mut c) = api.get_opt(name).await? else { return Ok(()) };
     let mut changed = false;
     for cc in configs(&mut c) {
         if cc.ca_bundle.as_ref() != Some(bundle) {
@@ -259,19 +239,21 @@ where
     }
     if changed {
         let pp = PostParams { field_manager: Some("apitoken-operator".into()), ..PostParams::default() };
-        api.replace(&settings.webhook_config, &pp, &c).await?;
-        info!(name = settings.webhook_config, kind = K::kind(&()).as_ref(), "caBundle injected");
+        api.replace(name, &pp, &c).await?;
+        info!(name, kind = K::kind(&()).as_ref(), "caBundle injected");
     }
     Ok(())
 }
 
 /// Keeps the certificate current: renews when due, adopts another replica's renewal, re-injects
-/// the CA bundle (someone may re-apply the webhook configuration without it). Runs forever.
+/// the CA bundle (someone may re-apply the webhook configuration without it), hands a new CA to
+/// `ca` (the ConfigMap publisher). Runs forever.
 pub async fn keep_current(
     client: Client,
     settings: CertSettings,
     serving: Arc<SwappableCert>,
     mut current: Material,
+    ca: watch::Sender<Option<String>>,
 ) {
     loop {
         let now = Timestamp::now();
@@ -281,11 +263,24 @@ pub async fn keep_current(
         match ensure(&client, &settings, Timestamp::now()).await {
             Ok(m) => {
                 if m != current {
-                    if let Err(e) = serving.swap(&m) {
-                        warn!(error = %e, "cannot load the renewed webhook certificate; keeping the current one");
-                        continue;
+                    match certified_key(&m) {
+                        Ok(key) => serving.set(key),
+                        Err(e) => {
+                            warn!(
+                                error = format!("{e:#}"),
+                                "cannot load the renewed serving certificate; keeping the current one"
+                            );
+                            continue;
+                        }
                     }
-                    info!(not_after = %m.not_after, "serving the renewed webhook certificate");
+                    info!(not_after = %m.not_after, "serving the renewed certificate");
+                    ca.send_if_modified(|old| {
+                        let changed = old.as_deref() != Some(m.ca_crt.as_str());
+                        if changed {
+                            *old = Some(m.ca_crt.clone());
+                        }
+                        changed
+                    });
                     current = m;
                 }
                 if let Err(e) = inject_ca_bundle(&client, &settings, &current.ca_crt).await {
@@ -293,6 +288,93 @@ pub async fn keep_current(
                 }
             }
             Err(e) => warn!(error = %e, "renewing the webhook certificate failed; retrying"),
+        }
+    }
+}
+
+/// The ConfigMap that publishes the CA certificate (never its key) for clients of `--listen`.
+pub fn ca_configmap(namespace: &str, name: &str, ca_pem: &str) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(
+                [("app.kubernetes.io/managed-by".to_string(), "apitoken-operator".to_string())].into(),
+            ),
+            annotations: Some(
+                [(
+                    "apitoken.dev/description".to_string(),
+                    "CA certificate that signs the apitoken-operator serving certificate: trust ca.crt to verify the verification service (TLS) by its Service DNS name".to_string(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        data: Some([("ca.crt".to_string(), ca_pem.to_string())].into()),
+        ..ConfigMap::default()
+    }
+}
+
+/// Writes the ConfigMap when it is missing or differs; `Ok(false)`: it was current.
+async fn publish_once(
+    api: &Api<ConfigMap>,
+    namespace: &str,
+    name: &str,
+    ca_pem: &str,
+) -> Result<bool, kube::Error> {
+    let pp = PostParams { field_manager: Some("apitoken-operator".into()), ..PostParams::default() };
+    match api.get_opt(name).await? {
+        Some(cm) if cm.data.as_ref().and_then(|d| d.get("ca.crt")).map(String::as_str) == Some(ca_pem) => {
+            Ok(false)
+        }
+        Some(cm) => {
+            let mut want = ca_configmap(namespace, name, ca_pem);
+            want.metadata.resource_version = cm.metadata.resource_version;
+            api.replace(name, &pp, &want).await?;
+            Ok(true)
+        }
+        None => match api.create(&pp, &ca_configmap(namespace, name, ca_pem)).await {
+            Ok(_) => Ok(true),
+            // Another replica created it: compare again next round.
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        },
+    }
+}
+
+/// Keeps the ConfigMap `name` in `namespace` holding the CA from `ca` (checked again every 30 s:
+/// someone may delete or edit it). Runs forever.
+pub async fn publish_ca(
+    client: Client,
+    namespace: String,
+    name: String,
+    mut ca: watch::Receiver<Option<String>>,
+) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let mut failing = false;
+    loop {
+        let pem = ca.borrow_and_update().clone();
+        if let Some(pem) = pem {
+            match publish_once(&api, &namespace, &name, &pem).await {
+                Ok(written) => {
+                    if written || failing {
+                        info!(
+                            configmap = format!("{namespace}/{name}"),
+                            "CA certificate published (key ca.crt)"
+                        );
+                    }
+                    failing = false;
+                }
+                Err(e) => {
+                    warn!(configmap = format!("{namespace}/{name}"), error = %e, "publishing the CA certificate failed (may the operator get, create and update this ConfigMap?); retrying");
+                    failing = true;
+                }
+            }
+        }
+        let wait = if failing { 5 } else { 30 };
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(wait)) => {},
+            changed = ca.changed() => if changed.is_err() { return },
         }
     }
 }
@@ -307,7 +389,7 @@ mod tests {
             secret_name: "tls".into(),
             dns_names: vec!["apitoken-operator.ns.svc".into(), "localhost".into()],
             validity: SignedDuration::from_hours(24 * 90),
-            webhook_config: "apitoken-operator".into(),
+            webhook_config: Some("apitoken-operator".into()),
         }
     }
 
@@ -328,6 +410,6 @@ mod tests {
         assert_eq!(renewed.ca_crt, first.ca_crt, "same CA: the caBundle does not change");
         assert_ne!(renewed.tls_crt, first.tls_crt);
         assert!(format!("{renewed:?}").find("PRIVATE").is_none(), "Debug hides keys");
-        SwappableCert::new(&first).unwrap().swap(&renewed).unwrap();
+        SwappableCert::new(certified_key(&first).unwrap()).set(certified_key(&renewed).unwrap());
     }
 }

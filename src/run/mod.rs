@@ -75,7 +75,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Policies, namespaces and the token census: shared by the controller and admission.
     let policies = if controller || admission_on {
-        let (view, drive) = PolicyView::start(&client);
+        let (view, drive) = PolicyView::start_in(&client, args.namespace.as_deref());
         background.spawn(drive);
         view.ready().await;
         Some(view)
@@ -87,7 +87,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let index = verify_on.then(Index::default);
     if let Some(index) = &index {
         background.spawn(verify::index::run_watch(client.clone(), args.namespace.clone(), index.clone()));
-        let limiter = Arc::new(FailureLimiter::new(args.failures_per_second, args.failures_burst));
+        let limiter = Arc::new(
+            FailureLimiter::new(args.failures_per_second, args.failures_burst)
+                .with_trusted_proxies(args.trusted_proxies.clone()),
+        );
+        if !args.trusted_proxies.is_empty() {
+            info!(proxies = ?args.trusted_proxies, "X-Forwarded-For is believed from these proxies only");
+        }
         let sweeper = limiter.clone();
         background.spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(30));
@@ -133,7 +139,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
     info!(addr = %ops.local_addr()?, "metrics and health listening");
-    let ops_app = verify::http::operations_router(index.clone(), metrics.clone());
+    // Set on SIGTERM: /readyz answers 503 while the listeners still serve.
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ops_app = verify::http::operations_router(index.clone(), metrics.clone(), draining.clone());
     let stop = stopped();
     graceful.spawn(async move {
         if let Err(e) = verify::serve(ops, ops_app, None, stop).await {
@@ -144,7 +152,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if controller && let Some(view) = policies {
         let namespace = args.namespace.clone();
         if args.leader_election() {
-            let settings = leader::Settings::new(&args.operator_namespace, identity());
+            let settings = leader::Settings::new(&args.operator_namespace, &args.lease_name, identity());
             info!(
                 identity = settings.identity,
                 lease = format!("{}/{}", settings.namespace, settings.name),
@@ -174,18 +182,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     shutdown_signal().await;
-    info!("shutting down");
+    // Drain: endpoints controllers and load balancers act on /readyz (every few seconds), so
+    // the listeners keep serving for --shutdown-delay after readiness is withdrawn.
+    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+    let delay = args.shutdown_delay.unsigned_abs();
+    info!(delay = ?delay, "shutting down: /readyz now answers 503; still serving during the delay");
+    tokio::select! {
+        () = tokio::time::sleep(delay) => {},
+        () = shutdown_signal() => info!("second signal: not waiting for the rest of the delay"),
+    }
+    info!("shutting down: refusing new connections, finishing requests in flight, releasing the Lease");
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while graceful.join_next().await.is_some() {}
-    })
-    .await;
+    if tokio::time::timeout(Duration::from_secs(10), async { while graceful.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!("some connections or the controller did not finish within 10s; stopping anyway");
+    }
     background.abort_all();
     Ok(())
 }
 
-/// TLS for `--listen`: none with `--plain-http`; the given files; the self-managed webhook
-/// certificate (kept current in the background) when admission runs; else a self-signed one.
+/// TLS for `--listen`: none with `--plain-http`; else the files `--tls-cert`/`--tls-key`
+/// (re-read when they change), else the self-managed certificate from the shared CA Secret with
+/// the Service's DNS names, in every mode (so every replica, verify-only ones included, serves a
+/// certificate clients can verify). The CA is published in `--ca-configmap`; webhook
+/// configurations are touched only when admission runs here.
 async fn serving_tls(
     args: &RunArgs,
     client: &kube::Client,
@@ -196,35 +218,48 @@ async fn serving_tls(
         warn!("--plain-http: --listen is served without TLS; use only on loopback or in tests");
         return Ok(None);
     }
-    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
-        return Ok(Some(verify::tls::server_config(Some((cert, key)))?));
-    }
-    if !admission_on {
-        return Ok(Some(verify::tls::server_config(None)?));
-    }
     let ns = &args.operator_namespace;
-    let svc = &args.service_name;
-    let settings = CertSettings {
-        namespace: ns.clone(),
-        secret_name: args.webhook_secret.clone(),
-        dns_names: vec![
-            svc.clone(),
-            format!("{svc}.{ns}"),
-            format!("{svc}.{ns}.svc"),
-            format!("{svc}.{ns}.svc.cluster.local"),
-            "localhost".into(),
-        ],
-        validity: args.webhook_cert_validity,
-        webhook_config: args.webhook_config_name.clone(),
+    let (ca_tx, ca_rx) = tokio::sync::watch::channel(None::<String>);
+    let serving = if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let files = verify::tls::CertFiles { cert: cert.clone(), key: key.clone(), ca: args.tls_ca.clone() };
+        let (serving, ca) = files.load()?;
+        ca_tx.send_replace(ca);
+        let every = args.tls_reload_interval.unsigned_abs();
+        info!(cert = %cert.display(), every = ?every, "serving --tls-cert; re-read when it changes");
+        background.spawn(files.keep_current(every, serving.clone(), ca_tx));
+        serving
+    } else {
+        let svc = &args.service_name;
+        let settings = CertSettings {
+            namespace: ns.clone(),
+            secret_name: args.webhook_secret.clone(),
+            dns_names: vec![
+                svc.clone(),
+                format!("{svc}.{ns}"),
+                format!("{svc}.{ns}.svc"),
+                format!("{svc}.{ns}.svc.cluster.local"),
+                "localhost".into(),
+            ],
+            validity: args.webhook_cert_validity,
+            webhook_config: admission_on.then(|| args.webhook_config_name.clone()),
+        };
+        let material = certs::ensure(client, &settings, jiff::Timestamp::now()).await.with_context(|| {
+            format!(
+                "setting up the serving certificate from the shared CA in Secret {ns}/{} (the operator needs get, create and update on it), or pass --tls-cert/--tls-key",
+                settings.secret_name
+            )
+        })?;
+        if let Err(e) = certs::inject_ca_bundle(client, &settings, &material.ca_crt).await {
+            warn!(error = %e, "injecting the webhook caBundle failed; retrying in the background");
+        }
+        let serving = certs::SwappableCert::new(certs::certified_key(&material)?);
+        ca_tx.send_replace(Some(material.ca_crt.clone()));
+        background.spawn(certs::keep_current(client.clone(), settings, serving.clone(), material, ca_tx));
+        serving
     };
-    let material = certs::ensure(client, &settings, jiff::Timestamp::now())
-        .await
-        .context("setting up the self-managed webhook certificate (or pass --tls-cert/--tls-key)")?;
-    if let Err(e) = certs::inject_ca_bundle(client, &settings, &material.ca_crt).await {
-        warn!(error = %e, "injecting the webhook caBundle failed; retrying in the background");
+    if let Some(name) = args.ca_configmap() {
+        background.spawn(certs::publish_ca(client.clone(), ns.clone(), name, ca_rx));
     }
-    let serving = certs::SwappableCert::new(&material)?;
-    background.spawn(certs::keep_current(client.clone(), settings, serving.clone(), material));
     Ok(Some(verify::tls::server_config_with_resolver(serving)?))
 }
 

@@ -3,7 +3,7 @@
 //! Every request is answered from the in-memory index; nothing here calls the API server.
 //! Error bodies say why, never echo the token, and malformed input is a 4xx, never a 500.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use tower_http::timeout::TimeoutLayer;
 use super::decision::{Denial, Granted, Request, decide};
 use super::index::Index;
 use super::last_used::LastUsed;
-use super::limiter::FailureLimiter;
+use super::limiter::{ClientKey, FailureLimiter};
 use crate::core::scope::Scope;
 use crate::metrics::{EndpointLabels, Metrics, VerifyLabels};
 
@@ -47,8 +47,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `/metrics`, `/healthz`, `/readyz` (ready once the index has synced, when there is one).
-pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>) -> Router {
+/// `/metrics`, `/healthz`, `/readyz` (ready once the index has synced, when there is one, and
+/// until `draining` is set: on SIGTERM, so endpoints stop sending traffic before the listener
+/// closes).
+pub fn operations_router(
+    index: Option<Index>,
+    metrics: Arc<Metrics>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+) -> Router {
     let ready_index = index.clone();
     Router::new()
         .route(
@@ -74,7 +80,9 @@ pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>) -> Router 
         .route(
             "/readyz",
             get(move || async move {
-                if ready_index.as_ref().is_none_or(Index::is_ready) {
+                if draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                } else if ready_index.as_ref().is_none_or(Index::is_ready) {
                     (StatusCode::OK, "ok")
                 } else {
                     (StatusCode::SERVICE_UNAVAILABLE, "the token index has not synced yet")
@@ -85,25 +93,33 @@ pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>) -> Router 
 
 const RATE_LIMITED: &str = "too many failed verifications from this client; retry later";
 
+/// Seconds to wait (at least 1), for `Retry-After`.
+fn retry_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 impl AppState {
-    /// Seconds to wait (at least 1) while `client` is over its failure quota.
-    fn blocked_for(&self, client: IpAddr) -> Option<u64> {
-        let wait = self.limiter.blocked(client)?;
-        self.metrics.rate_limited.inc();
-        Some((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
-    }
-
     /// 429 for a client that is over its failure quota (forward-auth answers 401 instead).
-    fn gate(&self, client: IpAddr) -> Option<Response> {
-        let secs = self.blocked_for(client)?;
+    fn limited(&self, wait: Duration) -> Response {
+        self.metrics.rate_limited.inc();
         let body = json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED});
-        Some(
-            (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, secs.to_string())], axum::Json(body))
-                .into_response(),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, retry_secs(wait).to_string())],
+            axum::Json(body),
         )
+            .into_response()
     }
 
-    fn decide(&self, endpoint: &'static str, client: IpAddr, req: &Request<'_>) -> Result<Granted, Denial> {
+    /// The decision for `req`. A failure counts against `client`, unless it is already blocked
+    /// (`blocked`), which does not extend its wait.
+    fn decide(
+        &self,
+        endpoint: &'static str,
+        client: &ClientKey,
+        blocked: bool,
+        req: &Request<'_>,
+    ) -> Result<Granted, Denial> {
         let start = Instant::now();
         let result = decide(req, |d| self.index.get(d), Timestamp::now());
         let label = match &result {
@@ -117,7 +133,7 @@ impl AppState {
             .observe(start.elapsed().as_secs_f64());
         match &result {
             Ok(g) => self.last_used.record(&g.entry.meta),
-            Err(d) if d.status() == 401 => self.limiter.failed(client),
+            Err(d) if d.status() == 401 && !blocked => self.limiter.failed(client),
             Err(_) => {}
         }
         result
@@ -182,26 +198,30 @@ struct VerifyBody {
     audience: Option<String>,
 }
 
+/// While the client is blocked, everything but a usable token is refused as rate limited:
+/// valid traffic is never limited.
 async fn verify(
     State(s): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = s.gate(peer.ip()) {
-        return r;
-    }
+    let client = s.limiter.client(peer.ip(), &headers);
+    let blocked = s.limiter.blocked(&client);
+    let refuse = |r: Response| blocked.map_or(r, |wait| s.limited(wait));
     let req: VerifyBody = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return bad_request(&json_error(&e)),
+        Err(e) => return refuse(bad_request(&json_error(&e))),
     };
     let scopes = match parse_scopes(req.scopes.iter().map(String::as_str)) {
         Ok(s) => s,
-        Err(m) => return bad_request(&m),
+        Err(m) => return refuse(bad_request(&m)),
     };
     let audiences: Vec<&str> = req.audience.as_deref().into_iter().collect();
     let request = Request { token: &req.token, scopes: &scopes, audiences: &audiences };
-    match s.decide("verify", peer.ip(), &request) {
+    match s.decide("verify", &client, blocked.is_some(), &request) {
         Ok(g) => (StatusCode::OK, axum::Json(granted_body(&g))).into_response(),
+        Err(d) if d.status() == 401 => refuse((status(&d), axum::Json(denial_body(&d))).into_response()),
         Err(d) => (status(&d), axum::Json(denial_body(&d))).into_response(),
     }
 }
@@ -306,24 +326,28 @@ async fn auth(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(secs) = s.blocked_for(peer.ip()) {
-        // 429 would be the code, but nginx makes a 500 of it. 401 invalid_token (the credentials
-        // are refused for now) with Retry-After, rather than 403, which here means "a valid token
-        // lacking a scope or audience" and would send people looking for a permission problem.
+    let client = s.limiter.client(peer.ip(), &headers);
+    let blocked = s.limiter.blocked(&client);
+    // 429 would be the code, but nginx makes a 500 of it. 401 invalid_token (the credentials
+    // are refused for now) with Retry-After, rather than 403, which here means "a valid token
+    // lacking a scope or audience" and would send people looking for a permission problem.
+    let refuse = |r: Response| {
+        let Some(wait) = blocked else { return r };
+        s.metrics.rate_limited.inc();
         let mut resp = auth_refusal(
             false,
             challenge(Some("invalid_token"), Some(RATE_LIMITED), None),
             json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED}),
         );
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return resp;
-    }
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
+        resp
+    };
     let params: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
         Ok(p) => p,
         Err(_) => {
-            return invalid_request(
+            return refuse(invalid_request(
                 "the query string is not valid URL encoding (expected scope=...&audience=...)",
-            );
+            ));
         }
     };
     // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
@@ -331,28 +355,30 @@ async fn auth(
     for v in headers.get_all("x-required-scopes") {
         match v.to_str() {
             Ok(v) => header_scopes.push(v),
-            Err(_) => return invalid_request("the X-Required-Scopes header has bytes outside ASCII"),
+            Err(_) => return refuse(invalid_request("the X-Required-Scopes header has bytes outside ASCII")),
         }
     }
     let raw_scopes =
         params.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).chain(header_scopes);
     let scopes = match parse_scopes(raw_scopes) {
         Ok(s) => s,
-        Err(m) => return invalid_request(&m),
+        Err(m) => return refuse(invalid_request(&m)),
     };
     let header_audience = match headers.get("x-token-audience").map(HeaderValue::to_str) {
         None => None,
         Some(Ok(v)) => Some(v),
-        Some(Err(_)) => return invalid_request("the X-Token-Audience header has bytes outside ASCII"),
+        Some(Err(_)) => {
+            return refuse(invalid_request("the X-Token-Audience header has bytes outside ASCII"));
+        }
     };
     let audience = params.iter().find(|(k, _)| k == "audience").map(|(_, v)| v.as_str()).or(header_audience);
     let token = match bearer_token(&headers) {
         Ok(t) => t,
-        Err(no) => return no.refusal(),
+        Err(no) => return refuse(no.refusal()),
     };
     let audiences: Vec<&str> = audience.into_iter().collect();
     let request = Request { token, scopes: &scopes, audiences: &audiences };
-    match s.decide("auth", peer.ip(), &request) {
+    match s.decide("auth", &client, blocked.is_some(), &request) {
         Ok(g) => {
             let m = &g.entry.meta;
             let mut resp = (StatusCode::OK, "ok").into_response();
@@ -379,28 +405,26 @@ async fn auth(
                 }
                 other => challenge(Some("invalid_token"), Some(other.reason()), None),
             };
-            auth_refusal(d.status() == 403, h, denial_body(&d))
+            let refusal = auth_refusal(d.status() == 403, h, denial_body(&d));
+            if d.status() == 403 { refusal } else { refuse(refusal) }
         }
     }
 }
 
-async fn token_review(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    body: Bytes,
-) -> Response {
-    if let Some(r) = s.gate(peer.ip()) {
-        return r;
-    }
+/// The caller is usually the API server, on behalf of every user of the cluster: failures count
+/// against the presented token's id, so one client's bad tokens lock out nobody else.
+async fn token_review(State(s): State<AppState>, body: Bytes) -> Response {
     let review: TokenReview = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(&json_error(&e)),
     };
     let token = review.spec.token.as_deref().unwrap_or("");
+    let client = ClientKey::for_token(token);
+    let blocked = s.limiter.blocked(&client);
     let wanted = review.spec.audiences.clone().unwrap_or_default();
     let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
     let request = Request { token, scopes: &[], audiences: &wanted };
-    let status = match s.decide("tokenreview", peer.ip(), &request) {
+    let status = match s.decide("tokenreview", &client, blocked.is_some(), &request) {
         Ok(g) => {
             let m = &g.entry.meta;
             let mut extra = std::collections::BTreeMap::new();
@@ -428,6 +452,7 @@ async fn token_review(
                 error: None,
             }
         }
+        Err(d) if let Some(wait) = blocked.filter(|_| d.status() == 401) => return s.limited(wait),
         Err(d) => TokenReviewStatus {
             authenticated: Some(false),
             error: Some(format!("{}: {}", d.reason(), d.message())),

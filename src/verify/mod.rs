@@ -23,7 +23,9 @@ use tokio_rustls::rustls::ServerConfig;
 use tower::ServiceExt;
 use tracing::{debug, info};
 
-/// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given.
+/// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given. Then no new
+/// connection is accepted, requests in flight are answered (keep-alive connections close after
+/// their current request) and this returns once every connection has ended.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
@@ -39,6 +41,8 @@ pub async fn serve(
     };
     info!(%addr, "serving HTTPS (HTTP/1.1 and HTTP/2)");
     let acceptor = TlsAcceptor::from(tls);
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -46,11 +50,14 @@ pub async fn serve(
                 Ok(a) => a,
                 Err(e) => { debug!(error = %e, "accept failed"); continue; }
             },
-            () = &mut shutdown => return Ok(()),
+            () = &mut shutdown => break,
+            // Reap finished connections so the set stays small.
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
-        tokio::spawn(async move {
+        let mut closing = closing.clone();
+        connections.spawn(async move {
             // A client that never finishes the handshake does not hold a task forever.
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
@@ -67,11 +74,27 @@ pub async fn serve(
                 .header_read_timeout(Duration::from_secs(10))
                 .max_buf_size(64 * 1024);
             builder.http2().max_header_list_size(32 * 1024).max_concurrent_streams(256);
-            if let Err(e) =
-                builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc)).await
-            {
+            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                // Polled first: a request that has already arrived is read before a shutdown
+                // can treat the connection as idle.
+                biased;
+                r = conn.as_mut() => r,
+                () = async { drop(closing.wait_for(|c| *c).await); } => {
+                    // Finish the request in flight (HTTP/2: GOAWAY, open streams complete).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(error = %e, %peer, "connection ended with an error");
             }
         });
     }
+    drop(listener);
+    info!(%addr, open = connections.len(), "no longer accepting connections; finishing requests in flight");
+    let _ = closing_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
 }
