@@ -15,7 +15,7 @@ use apitoken_operator::verify::last_used::LastUsed;
 use apitoken_operator::verify::limiter::FailureLimiter;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{Request, StatusCode};
+use axum::http::Request;
 use http_body_util::BodyExt;
 use rand::SeedableRng;
 use serde_json::{Value, json};
