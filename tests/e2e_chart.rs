@@ -303,6 +303,10 @@ fn without_webhooks_admission_is_off_and_nothing_is_mounted() {
         assert!(a.contains(&flag.to_string()), "{flag}: {a:?}");
     }
     assert!(a.contains(&"--components=controller,verify,admission".to_string()), "{a:?}");
+    let a = args(&objects(&render("ops", &["certManager.enabled=true", "certManager.publishCA=false"])));
+    assert!(
+        a.contains(&"--tls-cert=/tls/tls.crt".to_string()) && !a.iter().any(|x| x.starts_with("--tls-ca"))
+    );
     // cert-manager owns the CA bundle and the Secret: the operator gets neither.
     let cluster_role = object(&objs, "ClusterRole", "apitoken-operator");
     assert!(rules_for(cluster_role, "validatingwebhookconfigurations").is_empty());
@@ -536,6 +540,7 @@ fn install_upgrade_and_uninstall_as_documented() {
         out.contains(&format!("ConfigMap {fullname}-ca (key ca.crt)")),
         "NOTES name the CA ConfigMap: {out}"
     );
+    assert!(out.contains("no image is published"), "NOTES warn about the placeholder image: {out}");
 
     let sa = format!("system:serviceaccount:{}:{fullname}", ns.name);
     let can = |args: &[&str]| -> bool {
