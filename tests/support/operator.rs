@@ -154,6 +154,9 @@ impl Operator {
             "--webhook-secret".into(),
             format!("{name}-webhook-tls"),
             "--service-name".into(),
+            name.clone(),
+            // The chart's Role grants the Lease by this name only.
+            "--lease-name".into(),
             name,
         ]);
         op.restart();
@@ -252,7 +255,15 @@ impl Drop for Operator {
     }
 }
 
-/// The identity holding the operator's Lease in `leases`' namespace, if any.
+/// The identity holding the operator's Lease in `leases`' namespace, if any: the Lease named
+/// after the chart's release (`--lease-name`), or the default `apitoken-operator`.
 pub async fn lease_holder(leases: &Api<k8s_openapi::api::coordination::v1::Lease>) -> Option<String> {
-    leases.get_opt("apitoken-operator").await.ok()??.spec?.holder_identity.filter(|h| !h.is_empty())
+    let list = leases.list(&kube::api::ListParams::default()).await.ok()?;
+    let lease = list.items.into_iter().find(|l| {
+        l.metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n == "apitoken-operator" || n.ends_with("-apitoken-operator"))
+    })?;
+    lease.spec?.holder_identity.filter(|h| !h.is_empty())
 }
