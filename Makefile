@@ -2,13 +2,14 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: faults test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot
+.PHONY: faults test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot image
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
 	@echo "make test   - every test tier (format, lint, unit, end-to-end and the fault suite 3x against local clusters)"
 	@echo "make bench  - verification endpoints vs a bare hyper server (ratios measured in one run)"
 	@echo "make crds   - regenerate crds/ from the Rust types"
+	@echo "make image  - the operator's image as an OCI archive, no Docker or registry (prints REF ARCHIVE)"
 
 ## Builds kube-apiserver, kube-controller-manager, kubectl, etcd and helm from pinned Go modules
 ## (first time only; cached in ~/.cache/apitoken-operator).
@@ -45,6 +46,11 @@ chart-snapshot: tools
 	mkdir -p tests/snapshots
 	$$(hack/build-control-plane --print)/helm template apitoken-operator charts/apitoken-operator \
 	  --namespace apitoken-system --kube-version 1.35.4 --include-crds > tests/snapshots/chart-default.yaml
+
+## The operator's image without Docker or a registry: a static release build packed as an OCI
+## archive that starts like the Dockerfile's image (hack/image; minutes the first time, cached).
+image:
+	@hack/image
 
 demo: tools
 	@$(STAGE) demo-run hack/demo
