@@ -382,8 +382,8 @@ async fn sigterm_drains_without_failing_a_request() {
     // A request in flight when the listener closes: headers and half the body sent.
     let mut in_flight = connect(&tls, port, &name).await.unwrap();
     let (head, body) = verify_request(&token);
-    let (part, rest) = body.split_at(body.len() / 2);
-    in_flight.write_all(format!("{head}{part}").as_bytes()).await.unwrap();
+    let (first_half, rest) = body.split_at(body.len() / 2);
+    in_flight.write_all(format!("{head}{first_half}").as_bytes()).await.unwrap();
     in_flight.flush().await.unwrap();
 
     let metrics = op.metrics_url.clone();

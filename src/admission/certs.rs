@@ -273,7 +273,7 @@ pub async fn keep_current(
                             continue;
                         }
                     }
-                    info!(not_after = %m.not_after, "serving the renewed certificate");
+                    info!(not_after = %m.not_after, "serving the renewed webhook certificate");
                     ca.send_if_modified(|old| {
                         let changed = old.as_deref() != Some(m.ca_crt.as_str());
                         if changed {

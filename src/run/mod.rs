@@ -185,7 +185,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Drain: endpoints controllers and load balancers act on /readyz (every few seconds), so
     // the listeners keep serving for --shutdown-delay after readiness is withdrawn.
     draining.store(true, std::sync::atomic::Ordering::Relaxed);
-    let delay = args.shutdown_delay.unsigned_abs();
+    // Only a listener that Services route to needs the delay; the controller alone hands over its
+    // Lease at once.
+    let delay = if verify_on || admission_on { args.shutdown_delay.unsigned_abs() } else { Duration::ZERO };
     info!(delay = ?delay, "shutting down: /readyz now answers 503; still serving during the delay");
     tokio::select! {
         () = tokio::time::sleep(delay) => {},
