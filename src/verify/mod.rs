@@ -23,6 +23,10 @@ use tokio_rustls::rustls::ServerConfig;
 use tower::ServiceExt;
 use tracing::{debug, info};
 
+/// How long a connection that has not sent a request yet may take to send one once the listener
+/// has closed (it connected just before).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given. Then no new
 /// connection is accepted, requests in flight are answered (keep-alive connections close after
 /// their current request) and this returns once every connection has ended.
@@ -63,8 +67,13 @@ pub async fn serve(
             else {
                 return;
             };
+            // Told when a request arrives: a connection made just before the listener closed
+            // gets a moment for its first request instead of being closed as idle.
+            let first_request = Arc::new(tokio::sync::Notify::new());
+            let arrived = first_request.clone();
             let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(ConnectInfo(peer));
+                arrived.notify_one();
                 req
             });
             let mut builder = Builder::new(TokioExecutor::new());
@@ -82,9 +91,19 @@ pub async fn serve(
                 biased;
                 r = conn.as_mut() => r,
                 () = async { drop(closing.wait_for(|c| *c).await); } => {
-                    // Finish the request in flight (HTTP/2: GOAWAY, open streams complete).
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+                    tokio::select! {
+                        r = conn.as_mut() => r,
+                        () = async {
+                            tokio::select! {
+                                () = first_request.notified() => {},
+                                () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {},
+                            }
+                        } => {
+                            // Finish the request in flight (HTTP/2: GOAWAY, open streams complete).
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
                 }
             };
             if let Err(e) = result {
