@@ -2,11 +2,11 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: faults test-faults help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot image
+.PHONY: faults test-faults test-node help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot image
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
-	@echo "make test   - every test tier (format, lint, unit, end-to-end and the fault suite 3x against local clusters)"
+	@echo "make test   - every test tier (format, lint, unit, end-to-end, the fault suite 3x, and the node tier: the chart on a real node)"
 	@echo "make bench  - verification endpoints vs a bare hyper server (ratios measured in one run)"
 	@echo "make crds   - regenerate crds/ from the Rust types"
 	@echo "make image  - the operator's image as an OCI archive, no Docker or registry (prints REF ARCHIVE)"
@@ -24,7 +24,7 @@ clippy:
 	@$(STAGE) clippy cargo clippy --locked --all-targets -- -D warnings
 
 unit:
-	@$(STAGE) unit cargo test --locked --lib --bins --test 'fuzz_*'
+	@$(STAGE) unit cargo test --locked --lib --bins --test 'fuzz_*' --test 'unit_*'
 
 e2e: tools
 	@$(STAGE) e2e-deps hack/ensure-deps nginx
@@ -33,7 +33,12 @@ e2e: tools
 faults: tools
 	@$(STAGE) faults env APITOKEN_FAULT_RUNS=3 hack/faults
 
-test: tools fmt-check clippy unit e2e faults
+## The node tier: a cluster with a real node, the operator and collector images built here, the
+## chart installed with helm (tests/node_*.rs).
+test-node: tools
+	@$(STAGE) test-node hack/test-node
+
+test: tools fmt-check clippy unit e2e faults test-node
 	@echo "make test: all stages passed"
 
 crds:
