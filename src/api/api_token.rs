@@ -184,6 +184,8 @@ pub struct RotationSpec {
     pub renew_before: Option<String>,
 
     /// How long the previous token stays valid after a rotation, at most 24h. Defaults to 10m.
+    /// Consumers that mount the Secret see the new token only after the kubelet's next sync (up to
+    /// about 2m): a shorter grace period can cut them off and is reported (SafeGracePeriod=False).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LEN))]
     #[x_kube(validation = positive_rule("", "rotation.gracePeriod"))]

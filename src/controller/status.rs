@@ -5,7 +5,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::{ApiTokenStatus, Phase as ApiPhase};
-use crate::core::lifetime::Lifetime;
+use crate::core::lifetime::{Lifetime, format_duration};
 use crate::core::plan::{self, Current, Desired, Phase};
 
 pub fn phase_to_core(p: Option<ApiPhase>) -> Phase {
@@ -100,7 +100,8 @@ pub struct Want {
     pub message: String,
 }
 
-/// The Ready, Issued, PolicyCompliant and ExpiryHandled conditions for state `c` at `now`.
+/// The Ready, Issued, PolicyCompliant, ExpiryHandled and SafeGracePeriod conditions for state `c`
+/// at `now`.
 /// Every condition is True when all is well, so "any condition False" means "look at it".
 pub fn conditions(
     d: Option<&Desired>,
@@ -194,7 +195,31 @@ pub fn conditions(
             message: "rotated automatically before it expires, or it never expires".into(),
         },
     };
-    vec![ready, issued, compliant, expiry]
+    let grace = d.map(|d| d.grace_period);
+    let bound = crate::core::desired::SECRET_PROJECTION_BOUND;
+    let safe_grace = match grace {
+        Some(g) if g < bound => Want {
+            type_: "SafeGracePeriod",
+            ok: false,
+            reason: "ShorterThanSecretProjection",
+            message: format!(
+                "rotation.gracePeriod {} is shorter than the {} a kubelet may take to update a mounted Secret: consumers that mount it can be cut off at a rotation; use at least {} unless every consumer re-reads the token another way",
+                format_duration(g),
+                format_duration(bound),
+                format_duration(bound)
+            ),
+        },
+        _ => Want {
+            type_: "SafeGracePeriod",
+            ok: true,
+            reason: "CoversSecretProjection",
+            message: format!(
+                "the previous token stays valid longer than the {} a kubelet may take to update a mounted Secret",
+                format_duration(bound)
+            ),
+        },
+    };
+    vec![ready, issued, compliant, expiry, safe_grace]
 }
 
 /// Merges wanted conditions into existing ones, keeping `lastTransitionTime` when the status
@@ -222,4 +247,37 @@ pub fn merge_conditions(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::desired::{Limits, SpecInput, validate};
+
+    fn grace_condition(grace: &str) -> Want {
+        let spec = SpecInput { grace_period: Some(grace), ..SpecInput::default() };
+        let d = validate(&spec, &Limits::default()).unwrap();
+        let c = Current { phase: Phase::Active, ..Current::default() };
+        conditions(Some(&d), &c, Timestamp::UNIX_EPOCH, None, None)
+            .into_iter()
+            .find(|w| w.type_ == "SafeGracePeriod")
+            .unwrap()
+    }
+
+    #[test]
+    fn a_grace_period_shorter_than_a_kubelet_sync_is_reported() {
+        let short = grace_condition("30s");
+        assert!(!short.ok && short.reason == "ShorterThanSecretProjection", "{}", short.message);
+        assert!(short.message.contains("30s") && short.message.contains("2m"), "{}", short.message);
+        assert!(grace_condition("2m").ok);
+        assert!(grace_condition("10m").ok);
+    }
+
+    #[test]
+    fn scope_summary_names_the_first_three() {
+        let scopes: Vec<String> = ["a:read", "b:read", "c:read", "d:read"].map(String::from).to_vec();
+        assert_eq!(scope_summary(&scopes).unwrap(), "a:read, b:read, c:read +1 more");
+        assert_eq!(scope_summary(&scopes[..1]).unwrap(), "a:read");
+        assert_eq!(scope_summary(&[]), None);
+    }
 }
