@@ -117,6 +117,37 @@ async fn rbac_denies_a_non_admin_user_until_a_role_allows_it() {
     ns.cleanup().await;
 }
 
+/// The controllers run with their own ServiceAccount credentials (as kubeadm runs them): with
+/// the controller-manager's own user instead, GC could only delete Secrets ("cannot delete
+/// resource configmaps") and `kube-root-ca.crt` was never published.
+#[tokio::test]
+async fn garbage_collection_of_another_kind_and_the_root_ca_in_every_namespace() {
+    let ns = TestNamespace::new("gc-kinds").await;
+    let cms: Api<ConfigMap> = ns.api();
+    let owner: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "owner"}})).unwrap();
+    let owner = cms.create(&PostParams::default(), &owner).await.unwrap();
+    let child: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "child", "ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+            "uid": owner.metadata.uid.unwrap(), "controller": true
+        }]},
+        "data": {"k": "v"}
+    }))
+    .unwrap();
+    cms.create(&PostParams::default(), &child).await.unwrap();
+    wait_for("kube-root-ca.crt in the new namespace", Duration::from_secs(60), || async {
+        let cm = cms.get_opt("kube-root-ca.crt").await.ok()??;
+        cm.data?.get("ca.crt")?.contains("BEGIN CERTIFICATE").then_some(())
+    })
+    .await;
+    cms.delete("owner", &DeleteParams::background()).await.unwrap();
+    wait_for("the child ConfigMap to be garbage-collected", Duration::from_secs(60), || async {
+        matches!(cms.get_opt("child").await, Ok(None)).then_some(())
+    })
+    .await;
+    ns.cleanup().await;
+}
+
 #[tokio::test]
 async fn garbage_collection_removes_an_owned_child() {
     let ns = TestNamespace::new("gc").await;

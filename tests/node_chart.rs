@@ -352,6 +352,12 @@ async fn the_chart_on_a_real_node() {
             failures(&c)
         );
         assert_eq!(failures(&c), 0, "no failed call through rotation {i}: {c}");
+        // A second of calls on the new token before the next rotation.
+        let ok_then = c["ok"].as_i64().unwrap_or(0);
+        wait_for("calls on the new token", T, || async {
+            (counts(&ip)?["ok"].as_i64()? >= ok_then + 10).then_some(())
+        })
+        .await;
     }
     println!("kubelet projection delay (rotation -> new file in the pod): {delays:?} s");
 
