@@ -4,7 +4,9 @@
 # Each platform compiles natively (under QEMU emulation when it is not the builder's own), so no
 # cross linker is needed; a plain `docker build .` builds for the builder's architecture.
 # (No Docker engine on the development machines: kept correct by review, not built in CI;
-# `make image` builds the same binary into an OCI archive without one.)
+# `make image` (hack/image) builds an image that starts the same way into an OCI archive without
+# one: same entrypoint, command, user, working directory, environment and CA bundle, with a
+# static glibc binary because the musl target cannot be installed there.)
 FROM rust:1.95-bookworm AS build
 # Set by BuildKit for the platform being built; empty with the legacy builder (then: this machine).
 ARG TARGETARCH
