@@ -195,9 +195,14 @@ pub fn conditions(
             message: "rotated automatically before it expires, or it never expires".into(),
         },
     };
+    vec![ready, issued, compliant, expiry, safe_grace_period(d)]
+}
+
+/// SafeGracePeriod: does the overlap outlast a kubelet's refresh of a mounted Secret?
+fn safe_grace_period(d: Option<&Desired>) -> Want {
     let grace = d.map(|d| d.grace_period);
     let bound = crate::core::desired::SECRET_PROJECTION_BOUND;
-    let safe_grace = match grace {
+    match grace {
         Some(g) if g < bound => Want {
             type_: "SafeGracePeriod",
             ok: false,
@@ -218,8 +223,7 @@ pub fn conditions(
                 format_duration(bound)
             ),
         },
-    };
-    vec![ready, issued, compliant, expiry, safe_grace]
+    }
 }
 
 /// Merges wanted conditions into existing ones, keeping `lastTransitionTime` when the status
