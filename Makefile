@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 STAGE := hack/stage
 
-.PHONY: faults test-faults test-node help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot image
+.PHONY: faults test-faults test-node help test demo tools fmt-check clippy unit e2e crds demo-down bench bench-scale chart-snapshot verify-snapshot image
 
 help:
 	@echo "make demo   - local control plane + the operator with an example token"
@@ -45,6 +45,11 @@ crds:
 	cargo run --quiet -- crd > crds/apitoken.dev.yaml
 	cp crds/apitoken.dev.yaml charts/apitoken-operator/crds/apitoken.dev.yaml
 	mkdir -p docs && cargo run --quiet -- crd --reference > docs/crd-reference.md
+
+## Re-record the pinned verification answers (tests/snapshots/verify-responses.txt) after an
+## intended change of what clients see.
+verify-snapshot:
+	APITOKEN_RECORD_SNAPSHOTS=1 cargo test --locked --test unit_verify_responses
 
 ## Re-record the chart's default rendering after an intended change.
 chart-snapshot: tools
