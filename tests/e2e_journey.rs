@@ -5,35 +5,13 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::operator::Operator;
-use support::{TestNamespace, wait_for};
+use support::{Out, TestNamespace, ok, run, wait_for};
 
 const T: Duration = Duration::from_secs(30);
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(mut cmd: Command, stdin: Option<&str>) -> Out {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// `kubectl -n NS ARGS...` as the cluster admin.
 fn kubectl(ns: &str, args: &[&str]) -> Out {
@@ -47,11 +25,6 @@ fn kubectl_apply(ns: &str, args: &[&str], manifest: &str) -> Out {
     let mut cmd = support::kubectl();
     cmd.args(["-n", ns]).args(args).args(["-f", "-"]);
     run(cmd, Some(manifest))
-}
-
-fn ok(out: Out, what: &str) -> String {
-    assert!(out.ok, "{what} failed:\n{}\n{}", out.stdout, out.stderr);
-    out.stdout
 }
 
 /// The repo's CRDs, installed the way the README says (`kubectl apply --server-side -f crds/`).

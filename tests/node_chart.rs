@@ -8,12 +8,11 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{cluster, kubeconfig_as, wait_for};
+use support::{Out, cluster, kubeconfig_as, ok, run, wait_for};
 
 const SYSTEM: &str = "apitoken-system";
 const RELEASE: &str = "apitoken-operator";
@@ -22,32 +21,6 @@ const T: Duration = Duration::from_secs(60);
 /// The kubelet refreshes a mounted Secret within its sync period (10 s here, about a minute by
 /// default) plus its cache TTL: generous, and still far inside the default 10 min grace period.
 const PROJECTION: Duration = Duration::from_secs(180);
-
-struct Out {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-fn run(mut cmd: Command, stdin: Option<&str>) -> Out {
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    if let Some(input) = stdin {
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    Out {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn ok(out: Out, what: &str) -> String {
-    assert!(out.ok, "{what} failed:\n{}\n{}", out.stdout, out.stderr);
-    out.stdout
-}
 
 fn kubectl(args: &[&str]) -> Out {
     let mut cmd = support::kubectl();

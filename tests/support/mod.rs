@@ -108,6 +108,37 @@ pub fn kubectl() -> Command {
     cmd
 }
 
+/// What a command a person would type printed, and whether it succeeded.
+pub struct Out {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (kubectl, helm, curl, the plugin) with `stdin` fed to it (none: /dev/null).
+pub fn run(mut cmd: Command, stdin: Option<&str>) -> Out {
+    use std::io::Write;
+    use std::process::Stdio;
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The output of a command that must succeed (`what` names it in the failure).
+pub fn ok(out: Out, what: &str) -> String {
+    assert!(out.ok, "{what} failed:\n{}\n{}", out.stdout, out.stderr);
+    out.stdout
+}
+
 /// A namespace of one test's own, deleted by `cleanup` (left behind for inspection on failure).
 pub struct TestNamespace {
     pub name: String,
