@@ -77,16 +77,20 @@ async fn a_watch_delivers_events() {
     }
     let cm: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "seen"}})).unwrap();
     cms.create(&PostParams::default(), &cm).await.unwrap();
-    let name = tokio::time::timeout(T, async {
+    // Other writers share the namespace (the controller-manager publishes kube-root-ca.crt
+    // into every new one), so wait for our object among whatever else arrives.
+    let seen = tokio::time::timeout(T, async {
         loop {
-            if let Some(watcher::Event::Apply(cm)) = events.try_next().await.unwrap() {
-                return cm.metadata.name.unwrap();
+            match events.try_next().await.unwrap() {
+                Some(watcher::Event::Apply(cm)) if cm.metadata.name.as_deref() == Some("seen") => return cm,
+                Some(_) => {}
+                None => panic!("watch ended"),
             }
         }
     })
     .await
-    .expect("an Apply event within the timeout");
-    assert_eq!(name, "seen");
+    .expect("an Apply event for the created ConfigMap within the timeout");
+    assert_eq!(seen.metadata.namespace.as_deref(), Some(ns.name.as_str()));
     ns.cleanup().await;
 }
 
