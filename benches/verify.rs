@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use apitoken_operator::api::{ApiToken, ApiTokenSpec, ApiTokenStatus, Phase};
 use apitoken_operator::core::token;
 use apitoken_operator::metrics::Metrics;
-use apitoken_operator::verify::http::{AppState, router};
+use apitoken_operator::verify::http::{App, AppState, router};
 use apitoken_operator::verify::index::Index;
 use apitoken_operator::verify::last_used::{self, LastUsed};
 use apitoken_operator::verify::limiter::FailureLimiter;
@@ -50,8 +50,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::rt::TokioIo;
 use rand::SeedableRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -154,7 +153,7 @@ fn requests(tokens: &[String], kind: Kind) -> Arc<Vec<Bytes>> {
 // ---------------------------------------------------------------------------------------------
 // Servers
 
-fn app(index: &Index, last_used: LastUsed) -> axum::Router {
+fn app(index: &Index, last_used: LastUsed) -> App {
     router(AppState {
         index: index.clone(),
         metrics: Arc::new(Metrics::default()),
@@ -165,7 +164,7 @@ fn app(index: &Index, last_used: LastUsed) -> axum::Router {
 }
 
 /// The product, served by its own `serve` (plain HTTP or TLS).
-async fn serve_product(app: axum::Router, tls: Option<Arc<ServerConfig>>) -> SocketAddr {
+async fn serve_product(app: App, tls: Option<Arc<ServerConfig>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(apitoken_operator::verify::serve(listener, app, tls, std::future::pending()));
@@ -214,26 +213,20 @@ async fn serve_baseline(canned: CannedSet, tls: Option<Arc<ServerConfig>>) -> So
                     let canned = canned.clone();
                     async move { canned.answer(req).await }
                 });
-                let mut builder = Builder::new(TokioExecutor::new());
+                // The product's own connection settings, on either transport.
+                let builder = apitoken_operator::verify::connection_builder();
+                let _ = tcp.set_nodelay(true);
                 if let Some(tls) = tls {
-                    // As verify::serve over TLS.
+                    // The same handshake as verify::serve.
                     let Ok(Ok(stream)) =
                         tokio::time::timeout(Duration::from_secs(10), TlsAcceptor::from(tls).accept(tcp))
                             .await
                     else {
                         return;
                     };
-                    builder
-                        .http1()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .max_buf_size(64 * 1024);
-                    builder.http2().max_header_list_size(32 * 1024).max_concurrent_streams(256);
                     let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
                 } else {
-                    // As axum::serve, which verify::serve uses for plain HTTP.
-                    builder.http2().enable_connect_protocol();
-                    let _ = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc).await;
+                    let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
                 }
             });
         }

@@ -13,17 +13,15 @@ use std::sync::Arc;
 use apitoken_operator::api::ApiToken;
 use apitoken_operator::core::token;
 use apitoken_operator::metrics::Metrics;
-use apitoken_operator::verify::http::{AppState, router};
+use apitoken_operator::verify::http::{App, AppState, router};
 use apitoken_operator::verify::index::Index;
 use apitoken_operator::verify::last_used::LastUsed;
 use apitoken_operator::verify::limiter::FailureLimiter;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Request, StatusCode};
 use http_body_util::BodyExt;
 use proptest::prelude::*;
 use support::fuzz_cases;
-use tower::ServiceExt;
 
 /// A token the index knows (scope `metrics:read`), so forward-auth can also answer 200 and 403.
 fn known_token() -> &'static str {
@@ -35,7 +33,7 @@ fn known_token() -> &'static str {
     })
 }
 
-fn app_limited(per_second: u32, burst: u32) -> axum::Router {
+fn app_limited(per_second: u32, burst: u32) -> App {
     let index = Index::default();
     let at: ApiToken = serde_json::from_value(serde_json::json!({
         "apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken",
@@ -53,17 +51,15 @@ fn app_limited(per_second: u32, burst: u32) -> axum::Router {
     })
 }
 
-fn app() -> axum::Router {
+fn app() -> App {
     app_limited(1_000_000, 1_000_000)
 }
 
 /// Status, headers and body of one request to `app`.
-fn call_on(app: &axum::Router, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+fn call_on(app: &App, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let mut req = req;
-        req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([127, 0, 0, 1], 9))));
-        let resp = app.clone().oneshot(req).await.unwrap();
+        let resp = app.call(req, SocketAddr::from(([127, 0, 0, 1], 9))).await;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.unwrap().to_bytes();

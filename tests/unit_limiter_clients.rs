@@ -9,17 +9,15 @@ use std::sync::Arc;
 use apitoken_operator::api::ApiToken;
 use apitoken_operator::core::token;
 use apitoken_operator::metrics::Metrics;
-use apitoken_operator::verify::http::{AppState, router};
+use apitoken_operator::verify::http::{App, AppState, router};
 use apitoken_operator::verify::index::Index;
 use apitoken_operator::verify::last_used::LastUsed;
 use apitoken_operator::verify::limiter::FailureLimiter;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use rand::SeedableRng;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 const PROXY: [u8; 4] = [10, 0, 0, 7];
 
@@ -28,7 +26,7 @@ fn token(seed: u64) -> String {
 }
 
 /// Burst 3, refilling once a second: the fourth failure in a row blocks, the fifth is refused.
-fn app() -> (axum::Router, String) {
+fn app() -> (App, String) {
     let good = token(1);
     let index = Index::default();
     let at: ApiToken = serde_json::from_value(json!({
@@ -49,32 +47,25 @@ fn app() -> (axum::Router, String) {
     (app, good)
 }
 
-async fn call(
-    app: &axum::Router,
-    peer: [u8; 4],
-    headers: &[(&str, &str)],
-    path: &str,
-    body: Value,
-) -> (u16, Value) {
+async fn call(app: &App, peer: [u8; 4], headers: &[(&str, &str)], path: &str, body: Value) -> (u16, Value) {
     let mut req = Request::post(path).header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let mut req = req.body(Body::from(body.to_string())).unwrap();
-    req.extensions_mut().insert(ConnectInfo(SocketAddr::from((peer, 40000))));
-    let resp = app.clone().oneshot(req).await.unwrap();
+    let req = req.body(Body::from(body.to_string())).unwrap();
+    let resp = app.call(req, SocketAddr::from((peer, 40000))).await;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-async fn verify(app: &axum::Router, peer: [u8; 4], xff: Option<&str>, token: &str) -> u16 {
+async fn verify(app: &App, peer: [u8; 4], xff: Option<&str>, token: &str) -> u16 {
     let headers: Vec<(&str, &str)> = xff.map(|x| ("x-forwarded-for", x)).into_iter().collect();
     call(app, peer, &headers, "/v1/verify", json!({"token": token})).await.0
 }
 
 /// Failures from `peer` (as forwarded for `xff`) until the first 429; panics if none comes.
-async fn flood(app: &axum::Router, peer: [u8; 4], xff: impl Fn(usize) -> Option<String>) -> usize {
+async fn flood(app: &App, peer: [u8; 4], xff: impl Fn(usize) -> Option<String>) -> usize {
     let bad = token(99);
     for i in 0..10 {
         match verify(app, peer, xff(i).as_deref(), &bad).await {

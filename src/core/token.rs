@@ -117,19 +117,19 @@ pub fn generate<R: Rng + CryptoRng + ?Sized>(prefix: &str, rng: &mut R) -> Token
 /// `unsigned` (prefix, underscore, id and secret) with its checksum appended.
 pub fn sign(mut unsigned: String) -> String {
     let sum = checksum(&unsigned);
-    unsigned.push_str(&sum);
+    unsigned.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
     unsigned
 }
 
-/// CRC32 of `s`, base62, zero-padded to six characters.
-fn checksum(s: &str) -> String {
+/// CRC32 of `s`, base62, zero-padded to six characters (bytes: no allocation per verification).
+fn checksum(s: &str) -> [u8; CHECKSUM_LEN] {
     let mut n = crc32fast::hash(s.as_bytes());
     let mut out = [b'0'; CHECKSUM_LEN];
     for slot in out.iter_mut().rev() {
         *slot = BASE62[(n % 62) as usize];
         n /= 62;
     }
-    String::from_utf8(out.to_vec()).expect("base62 is ASCII")
+    out
 }
 
 /// Parses and checks a presented token offline: shape, alphabet, checksum.
@@ -149,7 +149,7 @@ pub fn parse(token: &str) -> Result<Parsed<'_>, ParseError> {
         return Err(ParseError::BadCharacter);
     }
     let (signed, sum) = token.split_at(token.len() - CHECKSUM_LEN);
-    if checksum(signed) != sum {
+    if checksum(signed) != sum.as_bytes() {
         return Err(ParseError::ChecksumMismatch);
     }
     Ok(Parsed { prefix, id: &body[..ID_LEN] })
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn checksum_is_zero_padded_base62() {
-        assert_eq!(checksum(""), "000000"); // crc32("") == 0
+        assert_eq!(&checksum(""), b"000000"); // crc32("") == 0
         assert_eq!(checksum("a").len(), 6);
     }
 

@@ -83,7 +83,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    let mut app = axum::Router::new();
+    let mut app = verify::http::App::from(axum::Router::new());
     let index = verify_on.then(Index::default);
     if let Some(index) = &index {
         background.spawn(verify::index::run_watch(client.clone(), args.namespace.clone(), index.clone()));

@@ -124,14 +124,13 @@ mod tests {
     fn entry(scopes: &[&str], audiences: &[&str], until: Option<i64>, revoked: bool) -> Entry {
         let scopes: Vec<Scope> = scopes.iter().map(|s| s.parse().unwrap()).collect();
         Entry {
-            meta: Arc::new(TokenMeta {
-                namespace: "ns".into(),
-                name: "n".into(),
-                scopes_joined: String::new(),
+            meta: Arc::new(TokenMeta::new(
+                "ns".into(),
+                "n".into(),
                 scopes,
-                audiences: audiences.iter().map(ToString::to_string).collect(),
+                audiences.iter().map(ToString::to_string).collect(),
                 revoked,
-            }),
+            )),
             valid_until: until.map(t),
             previous: false,
         }

@@ -2,24 +2,36 @@
 //!
 //! Every request is answered from the in-memory index; nothing here calls the API server.
 //! Error bodies say why, never echo the token, and malformed input is a 4xx, never a 500.
+//!
+//! The hot path: `GET /v1/auth`, `POST /v1/verify` and `POST .../tokenreviews` are answered by
+//! [`App::call`] straight from hyper's request, without axum's per-request machinery (routing,
+//! boxed services, extensions, a timer per request). Everything else, these paths with another
+//! method included, goes to an axum `Router` holding the same routes, so those answers (404,
+//! 405, the admission webhooks) are axum's as before. Metric handles are resolved once and
+//! answers are typed and serialized once.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use axum::routing::{any, get, post};
+use futures::future::{self, BoxFuture, FutureExt};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewStatus, UserInfo};
-use serde::Deserialize;
-use serde_json::json;
-use tower_http::timeout::TimeoutLayer;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::de::{Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
 
-use super::decision::{Denial, Granted, Request, decide};
+use super::decision::{Denial, Granted, Request as Asked, decide};
 use super::index::Index;
 use super::last_used::LastUsed;
 use super::limiter::{ClientKey, FailureLimiter};
@@ -28,7 +40,14 @@ use crate::metrics::{EndpointLabels, Metrics, VerifyLabels};
 
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 16 * 1024;
+/// How long a request body may take to arrive once its headers have.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
+const AUTH_PATH: &str = "/v1/auth";
+const VERIFY_PATH: &str = "/v1/verify";
+const TOKEN_REVIEW_PATH: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+/// What the verification service needs.
 #[derive(Clone)]
 pub struct AppState {
     pub index: Index,
@@ -37,14 +56,118 @@ pub struct AppState {
     pub last_used: LastUsed,
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/verify", post(verify))
-        .route("/v1/auth", any(auth))
-        .route("/apis/authentication.k8s.io/v1/tokenreviews", post(token_review))
+/// A response body: ours (whole, known length) or one of axum's.
+pub type Body = http_body_util::Either<Full<Bytes>, axum::body::Body>;
+/// One of our answers.
+type Answer = Response<Full<Bytes>>;
+/// What [`App::call`] returns: ready at once for forward-auth, a task for a body to read.
+pub type CallFuture = future::Either<future::Ready<Response<Body>>, BoxFuture<'static, Response<Body>>>;
+
+/// Everything `verify::serve` serves on one listener: the verification endpoints (when on) and
+/// other routes (admission webhooks, metrics, health).
+#[derive(Clone)]
+pub struct App {
+    verifier: Option<Arc<Verifier>>,
+    rest: Router,
+}
+
+impl From<Router> for App {
+    fn from(rest: Router) -> Self {
+        Self { verifier: None, rest }
+    }
+}
+
+/// The verification endpoints.
+pub fn router(state: AppState) -> App {
+    let verifier = Arc::new(Verifier::new(state));
+    let rest = Router::new()
+        .route(VERIFY_PATH, post(verify))
+        .route(AUTH_PATH, any(auth))
+        .route(TOKEN_REVIEW_PATH, post(token_review))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(10)))
-        .with_state(state)
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, BODY_TIMEOUT))
+        .with_state(verifier.clone());
+    App { verifier: Some(verifier), rest }
+}
+
+impl App {
+    /// Serves `routes` (e.g. the admission webhooks) as well.
+    #[must_use]
+    pub fn merge(mut self, routes: impl Into<App>) -> Self {
+        let routes = routes.into();
+        self.rest = self.rest.merge(routes.rest);
+        self.verifier = self.verifier.or(routes.verifier);
+        self
+    }
+
+    /// The answer to `req` from `peer`.
+    pub fn call<B>(&self, mut req: Request<B>, peer: SocketAddr) -> CallFuture
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        if let Some(v) = &self.verifier {
+            match (req.method(), req.uri().path()) {
+                (&Method::GET, AUTH_PATH) => {
+                    let answer = v.auth(peer.ip(), req.uri().query(), req.headers());
+                    return future::Either::Left(future::ready(answer.map(Body::Left)));
+                }
+                (&Method::POST, path @ (VERIFY_PATH | TOKEN_REVIEW_PATH)) => {
+                    let review = path == TOKEN_REVIEW_PATH;
+                    let v = v.clone();
+                    return future::Either::Right(
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let answer = match read_body(body).await {
+                                Ok(body) if review => v.token_review(&body),
+                                Ok(body) => v.verify(peer.ip(), &parts.headers, &body),
+                                Err(refused) => refused,
+                            };
+                            answer.map(Body::Left)
+                        }
+                        .boxed(),
+                    );
+                }
+                _ => {}
+            }
+        }
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let router = self.rest.clone();
+        future::Either::Right(
+            async move {
+                let Ok(answer) = router.oneshot(req).await;
+                answer.map(Body::Right)
+            }
+            .boxed(),
+        )
+    }
+}
+
+/// The request body, at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`]. The refusals are the
+/// ones axum's body limit and timeout layers give on the other routes.
+async fn read_body<B>(body: B) -> Result<Bytes, Answer>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<axum::BoxError>,
+{
+    let collect = Limited::new(body, MAX_BODY).collect();
+    let mut collect = std::pin::pin!(collect);
+    // A small body usually arrives with its headers: then no timer is needed.
+    let collected = match futures::poll!(collect.as_mut()) {
+        Poll::Ready(r) => r,
+        Poll::Pending => match tokio::time::timeout(BODY_TIMEOUT, collect).await {
+            Ok(r) => r,
+            Err(_) => return Err(empty(StatusCode::REQUEST_TIMEOUT)),
+        },
+    };
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Failed to buffer the request body: length limit exceeded",
+        )),
+        Err(_) => Err(text(StatusCode::BAD_REQUEST, "Failed to buffer the request body")),
+    }
 }
 
 /// `/metrics`, `/healthz`, `/readyz` (ready once the index has synced, when there is one, and
@@ -91,61 +214,79 @@ pub fn operations_router(
         )
 }
 
+// ---------------------------------------------------------------------------------------------
+// Answers
+
 const RATE_LIMITED: &str = "too many failed verifications from this client; retry later";
+
+fn with_body(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Answer {
+    // Our own types of strings, numbers and lists: serializing them cannot fail.
+    with_body(status, "application/json", serde_json::to_vec(body).unwrap_or_default())
+}
+
+fn text(status: StatusCode, body: &'static str) -> Answer {
+    with_body(status, "text/plain; charset=utf-8", body)
+}
+
+fn empty(status: StatusCode) -> Answer {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// `{"valid": false, ...}`. Fields in the order the answers have always had (alphabetical).
+#[derive(Serialize)]
+struct Refusal<'a> {
+    message: &'a str,
+    #[serde(rename = "missingScopes", skip_serializing_if = "Option::is_none")]
+    missing_scopes: Option<&'a [String]>,
+    reason: &'a str,
+    valid: bool,
+}
+
+impl<'a> Refusal<'a> {
+    fn new(reason: &'a str, message: &'a str) -> Self {
+        Self { message, missing_scopes: None, reason, valid: false }
+    }
+}
+
+/// `{"valid": true, ...}` of `/v1/verify`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct GrantedBody<'a> {
+    audiences: &'a [String],
+    expires_at: Option<Timestamp>,
+    name: &'a str,
+    namespace: &'a str,
+    previous: bool,
+    scopes: &'a [Scope],
+    token_id: &'a str,
+    valid: bool,
+}
+
+fn denial_answer(status: StatusCode, d: &Denial) -> Answer {
+    let message = d.message();
+    let mut body = Refusal::new(d.reason(), &message);
+    if let Denial::MissingScope(missing) = d {
+        body.missing_scopes = Some(missing);
+    }
+    json(status, &body)
+}
+
+fn bad_request(message: &str) -> Answer {
+    json(StatusCode::BAD_REQUEST, &Refusal::new("bad_request", message))
+}
 
 /// Seconds to wait (at least 1), for `Retry-After`.
 fn retry_secs(wait: Duration) -> u64 {
     (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
-}
-
-impl AppState {
-    /// 429 for a client that is over its failure quota (forward-auth answers 401 instead).
-    fn limited(&self, wait: Duration) -> Response {
-        self.metrics.rate_limited.inc();
-        let body = json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED});
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, retry_secs(wait).to_string())],
-            axum::Json(body),
-        )
-            .into_response()
-    }
-
-    /// The decision for `req`. A failure counts against `client`, unless it is already blocked
-    /// (`blocked`), which does not extend its wait.
-    fn decide(
-        &self,
-        endpoint: &'static str,
-        client: &ClientKey,
-        blocked: bool,
-        req: &Request<'_>,
-    ) -> Result<Granted, Denial> {
-        let start = Instant::now();
-        let result = decide(req, |d| self.index.get(d), Timestamp::now());
-        let label = match &result {
-            Ok(_) => "valid",
-            Err(d) => d.reason(),
-        };
-        self.metrics.verifications.get_or_create(&VerifyLabels { endpoint, result: label }).inc();
-        self.metrics
-            .verify_latency
-            .get_or_create(&EndpointLabels { endpoint })
-            .observe(start.elapsed().as_secs_f64());
-        match &result {
-            Ok(g) => self.last_used.record(&g.entry.meta),
-            Err(d) if d.status() == 401 && !blocked => self.limiter.failed(client),
-            Err(_) => {}
-        }
-        result
-    }
-}
-
-fn bad_request(message: &str) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        axum::Json(json!({"valid": false, "reason": "bad_request", "message": message})),
-    )
-        .into_response()
 }
 
 /// A JSON error described by position and kind only: serde's own text may quote input values.
@@ -158,77 +299,350 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("the request body {kind} (line {}, column {})", e.line(), e.column())
 }
 
-fn parse_scopes<'a>(raw: impl Iterator<Item = &'a str>) -> Result<Vec<Scope>, String> {
+fn parse_scopes<'a>(raw: impl Iterator<Item = Cow<'a, str>>) -> Result<Vec<Scope>, String> {
     let mut out = Vec::new();
-    for (i, s) in raw.flat_map(|s| s.split([' ', ',']).filter(|s| !s.is_empty())).enumerate() {
-        // The value is not echoed: a client might have put a secret in the wrong place.
-        out.push(s.parse().map_err(|_| format!("required scope #{} is not resource[/name]:verb", i + 1))?);
+    let mut i = 0;
+    for value in raw {
+        for s in value.split([' ', ',']).filter(|s| !s.is_empty()) {
+            i += 1;
+            // The value is not echoed: a client might have put a secret in the wrong place.
+            out.push(s.parse().map_err(|_| format!("required scope #{i} is not resource[/name]:verb"))?);
+        }
     }
     Ok(out)
-}
-
-fn denial_body(d: &Denial) -> serde_json::Value {
-    let mut body = json!({"valid": false, "reason": d.reason(), "message": d.message()});
-    if let Denial::MissingScope(missing) = d {
-        body["missingScopes"] = json!(missing);
-    }
-    body
-}
-
-fn granted_body(g: &Granted) -> serde_json::Value {
-    let m = &g.entry.meta;
-    json!({
-        "valid": true,
-        "namespace": m.namespace,
-        "name": m.name,
-        "tokenId": g.token_id,
-        "scopes": m.scopes.iter().map(ToString::to_string).collect::<Vec<_>>(),
-        "audiences": m.audiences,
-        "expiresAt": g.entry.valid_until.map(|t| t.to_string()),
-        "previous": g.entry.previous,
-    })
-}
-
-#[derive(Deserialize)]
-struct VerifyBody {
-    token: String,
-    #[serde(default)]
-    scopes: Vec<String>,
-    #[serde(default)]
-    audience: Option<String>,
-}
-
-/// While the client is blocked, everything but a usable token is refused as rate limited:
-/// valid traffic is never limited.
-async fn verify(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let client = s.limiter.client(peer.ip(), &headers);
-    let blocked = s.limiter.blocked(&client);
-    let refuse = |r: Response| blocked.map_or(r, |wait| s.limited(wait));
-    let req: VerifyBody = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return refuse(bad_request(&json_error(&e))),
-    };
-    let scopes = match parse_scopes(req.scopes.iter().map(String::as_str)) {
-        Ok(s) => s,
-        Err(m) => return refuse(bad_request(&m)),
-    };
-    let audiences: Vec<&str> = req.audience.as_deref().into_iter().collect();
-    let request = Request { token: &req.token, scopes: &scopes, audiences: &audiences };
-    match s.decide("verify", &client, blocked.is_some(), &request) {
-        Ok(g) => (StatusCode::OK, axum::Json(granted_body(&g))).into_response(),
-        Err(d) if d.status() == 401 => refuse((status(&d), axum::Json(denial_body(&d))).into_response()),
-        Err(d) => (status(&d), axum::Json(denial_body(&d))).into_response(),
-    }
 }
 
 fn status(d: &Denial) -> StatusCode {
     if d.status() == 403 { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The decision, counted
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Verify,
+    Auth,
+    TokenReview,
+}
+
+impl Endpoint {
+    const ALL: [Endpoint; 3] = [Endpoint::Verify, Endpoint::Auth, Endpoint::TokenReview];
+
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::Verify => "verify",
+            Endpoint::Auth => "auth",
+            Endpoint::TokenReview => "tokenreview",
+        }
+    }
+}
+
+/// Every result label a decision can have (`valid` or a [`Denial::reason`]).
+const RESULTS: [&str; 8] = [
+    "valid",
+    "unknown",
+    "expired",
+    "revoked",
+    "missing_scope",
+    "audience_mismatch",
+    "malformed",
+    "checksum_mismatch",
+];
+
+/// One endpoint's metric handles: shared with the registry's families, resolved once (a counter
+/// on first use, so /metrics lists only results that happened, as before).
+struct EndpointMetrics {
+    latency: Histogram,
+    results: [OnceLock<Counter>; RESULTS.len()],
+}
+
+/// Answers verification requests.
+pub struct Verifier {
+    state: AppState,
+    endpoints: [EndpointMetrics; 3],
+}
+
+impl Verifier {
+    fn new(state: AppState) -> Self {
+        let endpoints = Endpoint::ALL.map(|e| EndpointMetrics {
+            latency: Histogram::clone(
+                &state.metrics.verify_latency.get_or_create(&EndpointLabels { endpoint: e.label() }),
+            ),
+            results: Default::default(),
+        });
+        Self { state, endpoints }
+    }
+
+    fn count(&self, endpoint: Endpoint, result: &'static str, elapsed: Duration) {
+        let m = &self.endpoints[endpoint as usize];
+        m.latency.observe(elapsed.as_secs_f64());
+        let family = || {
+            self.state
+                .metrics
+                .verifications
+                .get_or_create(&VerifyLabels { endpoint: endpoint.label(), result })
+        };
+        match RESULTS.iter().position(|r| *r == result) {
+            Some(i) => m.results[i].get_or_init(|| Counter::clone(&family())).inc(),
+            None => family().inc(),
+        };
+    }
+
+    /// 429 for a client that is over its failure quota (forward-auth answers 401 instead).
+    fn limited(&self, wait: Duration) -> Answer {
+        self.state.metrics.rate_limited.inc();
+        let mut resp = json(StatusCode::TOO_MANY_REQUESTS, &Refusal::new("rate_limited", RATE_LIMITED));
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
+        resp
+    }
+
+    /// The decision for `req`. A failure counts against `client`, unless it is already blocked
+    /// (`blocked`), which does not extend its wait.
+    fn decide(
+        &self,
+        endpoint: Endpoint,
+        client: &ClientKey,
+        blocked: bool,
+        req: &Asked<'_>,
+    ) -> Result<Granted, Denial> {
+        let start = Instant::now();
+        let now = Timestamp::now();
+        let result = decide(req, |d| self.state.index.get(d), now);
+        let label = match &result {
+            Ok(_) => "valid",
+            Err(d) => d.reason(),
+        };
+        self.count(endpoint, label, start.elapsed());
+        match &result {
+            Ok(g) => self.state.last_used.record(&g.entry.meta, now),
+            Err(d) if d.status() == 401 && !blocked => self.state.limiter.failed(client),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// `POST /v1/verify`. While the client is blocked, everything but a usable token is refused
+    /// as rate limited: valid traffic is never limited.
+    fn verify(&self, peer: IpAddr, headers: &HeaderMap, body: &[u8]) -> Answer {
+        let client = self.state.limiter.client(peer, headers);
+        let blocked = self.state.limiter.blocked(&client);
+        let refuse = |r: Answer| blocked.map_or(r, |wait| self.limited(wait));
+        let req: VerifyBody<'_> = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return refuse(bad_request(&json_error(&e))),
+        };
+        let scopes = match parse_scopes(req.scopes.into_iter().map(|s| s.0)) {
+            Ok(s) => s,
+            Err(m) => return refuse(bad_request(&m)),
+        };
+        let audience = req.audience.as_ref().map(|a| a.0.as_ref());
+        let audiences: Vec<&str> = audience.into_iter().collect();
+        let asked = Asked { token: &req.token.0, scopes: &scopes, audiences: &audiences };
+        match self.decide(Endpoint::Verify, &client, blocked.is_some(), &asked) {
+            Ok(g) => {
+                let m = &g.entry.meta;
+                let body = GrantedBody {
+                    audiences: &m.audiences,
+                    expires_at: g.entry.valid_until,
+                    name: &m.name,
+                    namespace: &m.namespace,
+                    previous: g.entry.previous,
+                    scopes: &m.scopes,
+                    token_id: &g.token_id,
+                    valid: true,
+                };
+                json(StatusCode::OK, &body)
+            }
+            Err(d) if d.status() == 401 => refuse(denial_answer(status(&d), &d)),
+            Err(d) => denial_answer(status(&d), &d),
+        }
+    }
+
+    /// `GET /v1/auth` (forward-auth).
+    fn auth(&self, peer: IpAddr, query: Option<&str>, headers: &HeaderMap) -> Answer {
+        let client = self.state.limiter.client(peer, headers);
+        let blocked = self.state.limiter.blocked(&client);
+        // 429 would be the code, but nginx makes a 500 of it. 401 invalid_token (the credentials
+        // are refused for now) with Retry-After, rather than 403, which here means "a valid
+        // token lacking a scope or audience" and would send people looking for a permission
+        // problem.
+        let refuse = |r: Answer| {
+            let Some(wait) = blocked else { return r };
+            self.state.metrics.rate_limited.inc();
+            let mut resp = auth_refusal(
+                false,
+                challenge(Some("invalid_token"), Some(RATE_LIMITED), None),
+                &Refusal::new("rate_limited", RATE_LIMITED),
+            );
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
+            resp
+        };
+        // Percent-decoding is lossy (bad UTF-8 becomes U+FFFD), so a query never fails to parse;
+        // what it decodes to is checked as a scope or matched as an audience.
+        let query = || form_urlencoded::parse(query.unwrap_or("").as_bytes());
+        // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
+        let mut header_scopes = Vec::new();
+        for v in headers.get_all("x-required-scopes") {
+            match v.to_str() {
+                Ok(v) => header_scopes.push(Cow::Borrowed(v)),
+                Err(_) => {
+                    return refuse(invalid_request("the X-Required-Scopes header has bytes outside ASCII"));
+                }
+            }
+        }
+        let raw_scopes = query().filter(|(k, _)| k == "scope").map(|(_, v)| v).chain(header_scopes);
+        let scopes = match parse_scopes(raw_scopes) {
+            Ok(s) => s,
+            Err(m) => return refuse(invalid_request(&m)),
+        };
+        let header_audience = match headers.get("x-token-audience").map(HeaderValue::to_str) {
+            None => None,
+            Some(Ok(v)) => Some(Cow::Borrowed(v)),
+            Some(Err(_)) => {
+                return refuse(invalid_request("the X-Token-Audience header has bytes outside ASCII"));
+            }
+        };
+        let audience = query().find(|(k, _)| k == "audience").map(|(_, v)| v).or(header_audience);
+        let token = match bearer_token(headers) {
+            Ok(t) => t,
+            Err(no) => return refuse(no.refusal()),
+        };
+        let audiences: Vec<&str> = audience.as_deref().into_iter().collect();
+        let asked = Asked { token, scopes: &scopes, audiences: &audiences };
+        match self.decide(Endpoint::Auth, &client, blocked.is_some(), &asked) {
+            Ok(g) => {
+                let mut resp = text(StatusCode::OK, "ok");
+                let h = resp.headers_mut();
+                if let Ok(id) = HeaderValue::try_from(g.token_id) {
+                    h.insert(HeaderName::from_static("x-token-id"), id);
+                }
+                let m = &g.entry.meta;
+                for (name, value) in [
+                    (HeaderName::from_static("x-token-name"), &m.headers.name),
+                    (HeaderName::from_static("x-token-namespace"), &m.headers.namespace),
+                    (HeaderName::from_static("x-token-scopes"), &m.headers.scopes),
+                ] {
+                    if let Some(v) = value {
+                        h.insert(name, v.clone());
+                    }
+                }
+                resp
+            }
+            Err(d) => {
+                let h = match &d {
+                    Denial::MissingScope(missing) => {
+                        challenge(Some("insufficient_scope"), Some("missing scope"), Some(&missing.join(" ")))
+                    }
+                    Denial::AudienceMismatch => {
+                        challenge(Some("insufficient_scope"), Some("audience mismatch"), None)
+                    }
+                    other => challenge(Some("invalid_token"), Some(other.reason()), None),
+                };
+                let message = d.message();
+                let mut body = Refusal::new(d.reason(), &message);
+                if let Denial::MissingScope(missing) = &d {
+                    body.missing_scopes = Some(missing);
+                }
+                let refusal = auth_refusal(d.status() == 403, h, &body);
+                if d.status() == 403 { refusal } else { refuse(refusal) }
+            }
+        }
+    }
+
+    /// `POST .../tokenreviews`. The caller is usually the API server, on behalf of every user of
+    /// the cluster: failures count against the presented token's id, so one client's bad tokens
+    /// lock out nobody else.
+    fn token_review(&self, body: &[u8]) -> Answer {
+        let review: TokenReview = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => return bad_request(&json_error(&e)),
+        };
+        let token = review.spec.token.as_deref().unwrap_or("");
+        let client = ClientKey::for_token(token);
+        let blocked = self.state.limiter.blocked(&client);
+        let wanted = review.spec.audiences.clone().unwrap_or_default();
+        let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+        let asked = Asked { token, scopes: &[], audiences: &wanted };
+        let status = match self.decide(Endpoint::TokenReview, &client, blocked.is_some(), &asked) {
+            Ok(g) => {
+                let m = &g.entry.meta;
+                let mut extra = std::collections::BTreeMap::new();
+                extra.insert(
+                    "apitoken.dev/scopes".to_string(),
+                    m.scopes.iter().map(ToString::to_string).collect(),
+                );
+                extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.clone()]);
+                if !m.audiences.is_empty() {
+                    extra.insert("apitoken.dev/audiences".to_string(), m.audiences.clone());
+                }
+                TokenReviewStatus {
+                    authenticated: Some(true),
+                    user: Some(UserInfo {
+                        username: Some(format!("apitoken:{}:{}", m.namespace, m.name)),
+                        uid: Some(format!("apitoken:{}:{}:{}", m.namespace, m.name, g.token_id)),
+                        groups: Some(vec![
+                            "apitoken:authenticated".into(),
+                            format!("apitoken:namespace:{}", m.namespace),
+                        ]),
+                        extra: Some(extra),
+                    }),
+                    // Empty for an unbound token: valid for whatever audience the caller implies.
+                    audiences: (!g.audiences.is_empty()).then(|| g.audiences.clone()),
+                    error: None,
+                }
+            }
+            Err(d) if let Some(wait) = blocked.filter(|_| d.status() == 401) => return self.limited(wait),
+            Err(d) => TokenReviewStatus {
+                authenticated: Some(false),
+                error: Some(format!("{}: {}", d.reason(), d.message())),
+                ..TokenReviewStatus::default()
+            },
+        };
+        // The spec (with the token) is not echoed back. Through a JSON value, whose keys are
+        // sorted: the answer's field order has always been alphabetical.
+        let body = serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status});
+        json(StatusCode::OK, &body)
+    }
+}
+
+/// A JSON string of the request, borrowed from the body unless it had escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(Text)
+    }
+}
+
+#[derive(Deserialize)]
+struct VerifyBody<'a> {
+    #[serde(borrow)]
+    token: Text<'a>,
+    #[serde(default, borrow)]
+    scopes: Vec<Text<'a>>,
+    #[serde(default, borrow)]
+    audience: Option<Text<'a>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward-auth details
 
 /// RFC 6750 challenge; `description` and `scope` are our own words, never client input. Characters
 /// RFC 6750 does not allow in these values (quotes, backslashes, non-ASCII) are left out.
@@ -243,23 +657,25 @@ fn challenge(error: Option<&str>, description: Option<&str>, scope: Option<&str>
             v.push('"');
         }
     }
-    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"apitoken\""))
+    HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("Bearer realm=\"apitoken\""))
 }
 
 /// A forward-auth refusal. nginx `auth_request` passes on 401 and 403 only and turns any other
 /// status into a 500 for the end user, so `/v1/auth` answers nothing else: a malformed request,
 /// 400 in RFC 6750, is a 401 with `error="invalid_request"` here.
-fn auth_refusal(forbidden: bool, challenge: HeaderValue, body: serde_json::Value) -> Response {
+fn auth_refusal(forbidden: bool, challenge: HeaderValue, body: &Refusal<'_>) -> Answer {
     let status = if forbidden { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
-    (status, [(header::WWW_AUTHENTICATE, challenge)], axum::Json(body)).into_response()
+    let mut resp = json(status, body);
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, challenge);
+    resp
 }
 
 /// 401 `invalid_request`: `message` (our own words, ASCII) says what is wrong with the request.
-fn invalid_request(message: &str) -> Response {
+fn invalid_request(message: &str) -> Answer {
     auth_refusal(
         false,
         challenge(Some("invalid_request"), Some(message), None),
-        json!({"valid": false, "reason": "invalid_request", "message": message}),
+        &Refusal::new("invalid_request", message),
     )
 }
 
@@ -271,15 +687,11 @@ enum NoBearer {
 }
 
 impl NoBearer {
-    fn refusal(&self) -> Response {
+    fn refusal(&self) -> Answer {
         // RFC 6750 3.1: a request without credentials (or with another scheme) gets the challenge
         // alone, no error code; the body says what to send.
         let plain = |reason: &str, message: &str| {
-            auth_refusal(
-                false,
-                challenge(None, None, None),
-                json!({"valid": false, "reason": reason, "message": message}),
-            )
+            auth_refusal(false, challenge(None, None, None), &Refusal::new(reason, message))
         };
         match self {
             NoBearer::Missing => plain("missing_token", "send Authorization: Bearer <token>"),
@@ -320,146 +732,28 @@ fn bearer_token(headers: &HeaderMap) -> Result<&str, NoBearer> {
     Ok(token)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same endpoints through axum, for what the hot path leaves to the router (other methods on
+// these paths answer as they always have).
+
+async fn verify(
+    State(v): State<Arc<Verifier>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    v.verify(peer.ip(), &headers, &body)
+}
+
 async fn auth(
-    State(s): State<AppState>,
+    State(v): State<Arc<Verifier>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-) -> Response {
-    let client = s.limiter.client(peer.ip(), &headers);
-    let blocked = s.limiter.blocked(&client);
-    // 429 would be the code, but nginx makes a 500 of it. 401 invalid_token (the credentials
-    // are refused for now) with Retry-After, rather than 403, which here means "a valid token
-    // lacking a scope or audience" and would send people looking for a permission problem.
-    let refuse = |r: Response| {
-        let Some(wait) = blocked else { return r };
-        s.metrics.rate_limited.inc();
-        let mut resp = auth_refusal(
-            false,
-            challenge(Some("invalid_token"), Some(RATE_LIMITED), None),
-            json!({"valid": false, "reason": "rate_limited", "message": RATE_LIMITED}),
-        );
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
-        resp
-    };
-    let params: Vec<(String, String)> = match serde_urlencoded::from_str(query.as_deref().unwrap_or("")) {
-        Ok(p) => p,
-        Err(_) => {
-            return refuse(invalid_request(
-                "the query string is not valid URL encoding (expected scope=...&audience=...)",
-            ));
-        }
-    };
-    // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
-    let mut header_scopes = Vec::new();
-    for v in headers.get_all("x-required-scopes") {
-        match v.to_str() {
-            Ok(v) => header_scopes.push(v),
-            Err(_) => return refuse(invalid_request("the X-Required-Scopes header has bytes outside ASCII")),
-        }
-    }
-    let raw_scopes =
-        params.iter().filter(|(k, _)| k == "scope").map(|(_, v)| v.as_str()).chain(header_scopes);
-    let scopes = match parse_scopes(raw_scopes) {
-        Ok(s) => s,
-        Err(m) => return refuse(invalid_request(&m)),
-    };
-    let header_audience = match headers.get("x-token-audience").map(HeaderValue::to_str) {
-        None => None,
-        Some(Ok(v)) => Some(v),
-        Some(Err(_)) => {
-            return refuse(invalid_request("the X-Token-Audience header has bytes outside ASCII"));
-        }
-    };
-    let audience = params.iter().find(|(k, _)| k == "audience").map(|(_, v)| v.as_str()).or(header_audience);
-    let token = match bearer_token(&headers) {
-        Ok(t) => t,
-        Err(no) => return refuse(no.refusal()),
-    };
-    let audiences: Vec<&str> = audience.into_iter().collect();
-    let request = Request { token, scopes: &scopes, audiences: &audiences };
-    match s.decide("auth", &client, blocked.is_some(), &request) {
-        Ok(g) => {
-            let m = &g.entry.meta;
-            let mut resp = (StatusCode::OK, "ok").into_response();
-            let h = resp.headers_mut();
-            for (name, value) in [
-                ("x-token-id", g.token_id.as_str()),
-                ("x-token-name", m.name.as_str()),
-                ("x-token-namespace", m.namespace.as_str()),
-                ("x-token-scopes", m.scopes_joined.as_str()),
-            ] {
-                if let Ok(v) = HeaderValue::from_str(value) {
-                    h.insert(name, v);
-                }
-            }
-            resp
-        }
-        Err(d) => {
-            let h = match &d {
-                Denial::MissingScope(missing) => {
-                    challenge(Some("insufficient_scope"), Some("missing scope"), Some(&missing.join(" ")))
-                }
-                Denial::AudienceMismatch => {
-                    challenge(Some("insufficient_scope"), Some("audience mismatch"), None)
-                }
-                other => challenge(Some("invalid_token"), Some(other.reason()), None),
-            };
-            let refusal = auth_refusal(d.status() == 403, h, denial_body(&d));
-            if d.status() == 403 { refusal } else { refuse(refusal) }
-        }
-    }
+) -> Answer {
+    v.auth(peer.ip(), query.as_deref(), &headers)
 }
 
-/// The caller is usually the API server, on behalf of every user of the cluster: failures count
-/// against the presented token's id, so one client's bad tokens lock out nobody else.
-async fn token_review(State(s): State<AppState>, body: Bytes) -> Response {
-    let review: TokenReview = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(&json_error(&e)),
-    };
-    let token = review.spec.token.as_deref().unwrap_or("");
-    let client = ClientKey::for_token(token);
-    let blocked = s.limiter.blocked(&client);
-    let wanted = review.spec.audiences.clone().unwrap_or_default();
-    let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
-    let request = Request { token, scopes: &[], audiences: &wanted };
-    let status = match s.decide("tokenreview", &client, blocked.is_some(), &request) {
-        Ok(g) => {
-            let m = &g.entry.meta;
-            let mut extra = std::collections::BTreeMap::new();
-            extra.insert(
-                "apitoken.dev/scopes".to_string(),
-                m.scopes.iter().map(ToString::to_string).collect(),
-            );
-            extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.clone()]);
-            if !m.audiences.is_empty() {
-                extra.insert("apitoken.dev/audiences".to_string(), m.audiences.clone());
-            }
-            TokenReviewStatus {
-                authenticated: Some(true),
-                user: Some(UserInfo {
-                    username: Some(format!("apitoken:{}:{}", m.namespace, m.name)),
-                    uid: Some(format!("apitoken:{}:{}:{}", m.namespace, m.name, g.token_id)),
-                    groups: Some(vec![
-                        "apitoken:authenticated".into(),
-                        format!("apitoken:namespace:{}", m.namespace),
-                    ]),
-                    extra: Some(extra),
-                }),
-                // Empty for an unbound token: valid for whatever audience the caller implies.
-                audiences: (!g.audiences.is_empty()).then(|| g.audiences.clone()),
-                error: None,
-            }
-        }
-        Err(d) if let Some(wait) = blocked.filter(|_| d.status() == 401) => return s.limited(wait),
-        Err(d) => TokenReviewStatus {
-            authenticated: Some(false),
-            error: Some(format!("{}: {}", d.reason(), d.message())),
-            ..TokenReviewStatus::default()
-        },
-    };
-    // The spec (with the token) is not echoed back.
-    let body = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "status": status});
-    (StatusCode::OK, axum::Json(body)).into_response()
+async fn token_review(State(v): State<Arc<Verifier>>, body: Bytes) -> Answer {
+    v.token_review(&body)
 }

@@ -4,9 +4,10 @@
 //! Keeps only the facts verification uses, not whole objects.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use axum::http::HeaderValue;
 use futures::StreamExt;
 use jiff::Timestamp;
 use kube::runtime::watcher;
@@ -20,16 +21,55 @@ use crate::core::scope::Scope;
 pub type Digest = [u8; 32];
 
 /// Facts shared by a token's current and previous hash.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct TokenMeta {
     pub namespace: String,
     pub name: String,
     pub scopes: Vec<Scope>,
-    /// `scopes` joined by spaces, ready for a response header.
-    pub scopes_joined: String,
     pub audiences: Vec<String>,
     pub revoked: bool,
+    /// Forward-auth's answer headers, made once per token rather than once per request.
+    pub headers: AuthHeaders,
+    /// When a use was last handed to the `lastUsedAt` writer (Unix seconds, 0: never).
+    pub last_use_sent: AtomicI64,
 }
+
+/// Name, namespace and scopes (joined by spaces) as header values; `None` where a value cannot be
+/// sent in a header (the header is left out).
+#[derive(Debug)]
+pub struct AuthHeaders {
+    pub name: Option<HeaderValue>,
+    pub namespace: Option<HeaderValue>,
+    pub scopes: Option<HeaderValue>,
+}
+
+impl TokenMeta {
+    pub fn new(
+        namespace: String,
+        name: String,
+        scopes: Vec<Scope>,
+        audiences: Vec<String>,
+        revoked: bool,
+    ) -> Self {
+        let joined = scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ");
+        let headers = AuthHeaders {
+            name: HeaderValue::from_str(&name).ok(),
+            namespace: HeaderValue::from_str(&namespace).ok(),
+            scopes: HeaderValue::try_from(joined).ok(),
+        };
+        Self { namespace, name, scopes, audiences, revoked, headers, last_use_sent: AtomicI64::new(0) }
+    }
+}
+
+impl PartialEq for TokenMeta {
+    /// The token's facts; bookkeeping (`last_use_sent`) and derived headers do not count.
+    fn eq(&self, other: &Self) -> bool {
+        (&self.namespace, &self.name, &self.scopes, &self.audiences, self.revoked)
+            == (&other.namespace, &other.name, &other.scopes, &other.audiences, other.revoked)
+    }
+}
+
+impl Eq for TokenMeta {}
 
 /// One valid (or recently valid) hash.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,14 +92,13 @@ pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
         return Vec::new();
     }
     let scopes: Vec<Scope> = status.effective_scopes.iter().filter_map(|s| s.parse().ok()).collect();
-    let meta = Arc::new(TokenMeta {
-        namespace: at.namespace().unwrap_or_default(),
-        name: at.name_any(),
-        scopes_joined: scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" "),
+    let meta = Arc::new(TokenMeta::new(
+        at.namespace().unwrap_or_default(),
+        at.name_any(),
         scopes,
-        audiences: at.spec.audiences.clone(),
-        revoked: at.spec.revoked || status.phase == Some(Phase::Revoked),
-    });
+        at.spec.audiences.clone(),
+        at.spec.revoked || status.phase == Some(Phase::Revoked),
+    ));
     let mut out = Vec::with_capacity(2);
     if let Some(d) = status.token_hash.as_deref().and_then(parse_digest) {
         let valid_until = status.expires_at.as_ref().map(|t| t.0);

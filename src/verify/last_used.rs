@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -18,6 +19,8 @@ use super::index::TokenMeta;
 use crate::api::ApiToken;
 
 pub const DEBOUNCE: Duration = Duration::from_secs(60);
+#[allow(clippy::cast_possible_wrap)]
+const DEBOUNCE_SECS: i64 = DEBOUNCE.as_secs() as i64;
 
 #[derive(Clone)]
 pub struct LastUsed {
@@ -30,8 +33,17 @@ impl LastUsed {
         Self { tx: None }
     }
 
-    pub fn record(&self, meta: &Arc<TokenMeta>) {
-        if let Some(tx) = &self.tx {
+    /// A use of the token at `now`. The writer writes at most one use per token a minute, so
+    /// only a use it would write is handed over: most requests touch one atomic and wake nobody.
+    pub fn record(&self, meta: &Arc<TokenMeta>, now: Timestamp) {
+        let Some(tx) = &self.tx else { return };
+        let now = now.as_second();
+        let sent = meta.last_use_sent.load(Ordering::Relaxed);
+        if sent != 0 && now.saturating_sub(sent) < DEBOUNCE_SECS {
+            return;
+        }
+        // One of several concurrent requests hands the use over.
+        if meta.last_use_sent.compare_exchange(sent, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
             let _ = tx.try_send(meta.clone());
         }
     }

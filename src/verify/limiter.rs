@@ -13,6 +13,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
@@ -104,6 +105,8 @@ fn forwarded_addr(s: &str) -> Option<IpAddr> {
 pub struct FailureLimiter {
     limiter: DefaultKeyedRateLimiter<ClientKey>,
     blocked: Mutex<HashMap<ClientKey, Instant>>,
+    /// How many entries `blocked` has: while none, a request takes no lock at all.
+    blocked_len: AtomicUsize,
     trusted_proxies: Vec<Cidr>,
 }
 
@@ -115,6 +118,7 @@ impl FailureLimiter {
         Self {
             limiter: RateLimiter::keyed(quota),
             blocked: Mutex::new(HashMap::new()),
+            blocked_len: AtomicUsize::new(0),
             trusted_proxies: vec![],
         }
     }
@@ -165,6 +169,9 @@ impl FailureLimiter {
 
     /// `Some(retry_after)` while `client` is blocked.
     pub fn blocked(&self, client: &ClientKey) -> Option<Duration> {
+        if self.blocked_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let blocked = self.blocked.lock().expect("limiter lock");
         let until = *blocked.get(client)?;
         until.checked_duration_since(Instant::now())
@@ -182,6 +189,7 @@ impl FailureLimiter {
             if blocked.len() < MAX_BLOCKED {
                 blocked.insert(client.clone(), Instant::now() + wait);
             }
+            self.blocked_len.store(blocked.len(), Ordering::Release);
         }
     }
 
@@ -190,7 +198,9 @@ impl FailureLimiter {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
         let now = Instant::now();
-        self.blocked.lock().expect("limiter lock").retain(|_, until| *until > now);
+        let mut blocked = self.blocked.lock().expect("limiter lock");
+        blocked.retain(|_, until| *until > now);
+        self.blocked_len.store(blocked.len(), Ordering::Release);
     }
 
     pub fn tracked_clients(&self) -> usize {

@@ -8,43 +8,76 @@ pub mod last_used;
 pub mod limiter;
 pub mod tls;
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use futures::FutureExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
-use tower::ServiceExt;
 use tracing::{debug, info};
+
+use self::http::{App, Body, CallFuture};
 
 /// How long a connection that has not sent a request yet may take to send one once the listener
 /// has closed (it connected just before).
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// The HTTP settings of every connection `serve` answers (the benchmark's baseline uses them
+/// too): a request's headers within 10 s, bounded buffers and HTTP/2 limits.
+pub fn connection_builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024);
+    builder.http2().max_header_list_size(32 * 1024).max_concurrent_streams(256);
+    builder
+}
+
+/// One connection's service: `app` for requests from `peer`.
+struct Connection {
+    app: App,
+    peer: SocketAddr,
+    /// Told when a request arrives (see `serve`).
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for Connection {
+    type Response = hyper::Response<Body>;
+    type Error = Infallible;
+    type Future = futures::future::Map<CallFuture, fn(Self::Response) -> Result<Self::Response, Infallible>>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        self.arrived.notify_one();
+        self.app.call(req, self.peer).map(Ok)
+    }
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given. Then no new
 /// connection is accepted, requests in flight are answered (keep-alive connections close after
 /// their current request) and this returns once every connection has ended.
 pub async fn serve(
     listener: TcpListener,
-    app: Router,
+    app: impl Into<App>,
     tls: Option<Arc<ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let app = app.into();
     let addr = listener.local_addr()?;
-    let Some(tls) = tls else {
+    if tls.is_some() {
+        info!(%addr, "serving HTTPS (HTTP/1.1 and HTTP/2)");
+    } else {
         info!(%addr, "serving plain HTTP");
-        return axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await;
-    };
-    info!(%addr, "serving HTTPS (HTTP/1.1 and HTTP/2)");
-    let acceptor = TlsAcceptor::from(tls);
+    }
+    let acceptor = tls.map(TlsAcceptor::from);
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(shutdown);
@@ -60,55 +93,19 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let app = app.clone();
-        let mut closing = closing.clone();
+        let closing = closing.clone();
         connections.spawn(async move {
+            // Answers go out whole, in one write: no reason to wait for an ACK before the next.
+            let _ = tcp.set_nodelay(true);
+            let Some(acceptor) = acceptor else {
+                return connection(tcp, app, peer, closing).await;
+            };
             // A client that never finishes the handshake does not hold a task forever.
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
                 return;
             };
-            // Told when a request arrives: a connection made just before the listener closed
-            // gets a moment for its first request instead of being closed as idle.
-            let first_request = Arc::new(tokio::sync::Notify::new());
-            let arrived = first_request.clone();
-            let svc = app.map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                arrived.notify_one();
-                req
-            });
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(64 * 1024);
-            builder.http2().max_header_list_size(32 * 1024).max_concurrent_streams(256);
-            let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                // Polled first: a request that has already arrived is read before a shutdown
-                // can treat the connection as idle.
-                biased;
-                r = conn.as_mut() => r,
-                () = async { drop(closing.wait_for(|c| *c).await); } => {
-                    tokio::select! {
-                        r = conn.as_mut() => r,
-                        () = async {
-                            tokio::select! {
-                                () = first_request.notified() => {},
-                                () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {},
-                            }
-                        } => {
-                            // Finish the request in flight (HTTP/2: GOAWAY, open streams complete).
-                            conn.as_mut().graceful_shutdown();
-                            conn.await
-                        }
-                    }
-                }
-            };
-            if let Err(e) = result {
-                debug!(error = %e, %peer, "connection ended with an error");
-            }
+            connection(stream, app, peer, closing).await;
         });
     }
     drop(listener);
@@ -116,4 +113,43 @@ pub async fn serve(
     let _ = closing_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Answers the requests of one connection until it ends, or until `closing` is set and the
+/// request in flight (if any) is answered.
+async fn connection<S>(stream: S, app: App, peer: SocketAddr, mut closing: tokio::sync::watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // A connection made just before the listener closed gets a moment for its first request
+    // instead of being closed as idle.
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let service = Connection { app, peer, arrived: first_request.clone() };
+    let builder = connection_builder();
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        // Polled first: a request that has already arrived is read before a shutdown can treat
+        // the connection as idle.
+        biased;
+        r = conn.as_mut() => r,
+        () = async { drop(closing.wait_for(|c| *c).await); } => {
+            tokio::select! {
+                r = conn.as_mut() => r,
+                () = async {
+                    tokio::select! {
+                        () = first_request.notified() => {},
+                        () = tokio::time::sleep(FIRST_REQUEST_GRACE) => {},
+                    }
+                } => {
+                    // Finish the request in flight (HTTP/2: GOAWAY, open streams complete).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
