@@ -61,22 +61,23 @@ pub struct Request<'a> {
     pub audiences: &'a [&'a str],
 }
 
-/// A token accepted for a request.
+/// A token accepted for a request: borrowed from the index entry and the request, so a
+/// verification copies nothing (the caller holds the index's read lock meanwhile).
 #[derive(Debug, Clone)]
-pub struct Granted {
-    pub entry: Entry,
+pub struct Granted<'a> {
+    pub entry: &'a Entry,
     /// The token's public id (from the token itself, so the previous token reports its own).
-    pub token_id: String,
+    pub token_id: &'a str,
     /// The requested audiences the token is bound to (empty for an unbound token).
-    pub audiences: Vec<String>,
+    pub audiences: Vec<&'a str>,
 }
 
 /// Checks the token offline (checksum) before any lookup, then against the index entry.
-pub fn decide(
-    req: &Request<'_>,
-    lookup: impl FnOnce(&Digest) -> Option<Entry>,
+pub fn decide<'a>(
+    req: &Request<'a>,
+    lookup: impl FnOnce(&Digest) -> Option<&'a Entry>,
     now: Timestamp,
-) -> Result<Granted, Denial> {
+) -> Result<Granted<'a>, Denial> {
     let parsed = token::parse(req.token).map_err(Denial::Malformed)?;
     let digest: Digest = Sha256::digest(req.token.as_bytes()).into();
     let entry = lookup(&digest).ok_or(Denial::Unknown)?;
@@ -97,16 +98,12 @@ pub fn decide(
     if !missing.is_empty() {
         return Err(Denial::MissingScope(missing));
     }
-    let audiences: Vec<String> = req
-        .audiences
-        .iter()
-        .filter(|a| entry.meta.audiences.iter().any(|x| x == *a))
-        .map(ToString::to_string)
-        .collect();
+    let audiences: Vec<&str> =
+        req.audiences.iter().copied().filter(|a| entry.meta.audiences.iter().any(|x| x == a)).collect();
     if !entry.meta.audiences.is_empty() && audiences.is_empty() {
         return Err(Denial::AudienceMismatch);
     }
-    Ok(Granted { token_id: parsed.id.to_string(), entry, audiences })
+    Ok(Granted { token_id: parsed.id, entry, audiences })
 }
 
 #[cfg(test)]
@@ -148,50 +145,46 @@ mod tests {
         token: &str,
         want: &[&str],
         aud: Option<&str>,
-        e: Option<Entry>,
+        e: Option<&Entry>,
         now: i64,
-    ) -> Result<Granted, Denial> {
+    ) -> Result<String, Denial> {
         let want = scopes(want);
         let auds: Vec<&str> = aud.into_iter().collect();
         let req = Request { token, scopes: &want, audiences: &auds };
         let expected: Digest = Sha256::digest(token.as_bytes()).into();
-        decide(&req, |d| (*d == expected).then_some(e).flatten(), t(now))
+        decide(&req, |d| e.filter(|_| *d == expected), t(now)).map(|g| g.token_id.to_string())
     }
 
     #[test]
     fn every_branch() {
         let k = tok(1);
         let good = entry(&["metrics:read", "pipeline:*"], &[], Some(100), false);
-        let ok = run(&k, &["metrics:read", "pipeline/prod:write"], None, Some(good.clone()), 0).unwrap();
-        assert_eq!(ok.token_id, &k[7..15]);
-        assert!(matches!(run("apitok_short", &[], None, Some(good.clone()), 0), Err(Denial::Malformed(_))));
+        let ok = run(&k, &["metrics:read", "pipeline/prod:write"], None, Some(&good), 0).unwrap();
+        assert_eq!(ok, &k[7..15]);
+        assert!(matches!(run("apitok_short", &[], None, Some(&good), 0), Err(Denial::Malformed(_))));
         let mut typo = k.clone().into_bytes();
         typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
         let typo = String::from_utf8(typo).unwrap();
         assert_eq!(
-            run(&typo, &[], None, Some(good.clone()), 0).unwrap_err(),
+            run(&typo, &[], None, Some(&good), 0).unwrap_err(),
             Denial::Malformed(ParseError::ChecksumMismatch)
         );
         assert_eq!(run(&k, &[], None, None, 0).unwrap_err(), Denial::Unknown);
+        assert_eq!(run(&k, &[], None, Some(&good), 100).unwrap_err(), Denial::Expired, "at the second");
+        assert!(run(&k, &[], None, Some(&good), 99).is_ok(), "one second before");
+        assert_eq!(run(&k, &[], None, Some(&entry(&[], &[], None, true)), 0).unwrap_err(), Denial::Revoked);
         assert_eq!(
-            run(&k, &[], None, Some(good.clone()), 100).unwrap_err(),
-            Denial::Expired,
-            "at the second"
-        );
-        assert!(run(&k, &[], None, Some(good.clone()), 99).is_ok(), "one second before");
-        assert_eq!(run(&k, &[], None, Some(entry(&[], &[], None, true)), 0).unwrap_err(), Denial::Revoked);
-        assert_eq!(
-            run(&k, &["metrics:write", "metrics:read"], None, Some(good.clone()), 0).unwrap_err(),
+            run(&k, &["metrics:write", "metrics:read"], None, Some(&good), 0).unwrap_err(),
             Denial::MissingScope(vec!["metrics:write".into()])
         );
         let bound = entry(&[], &["tenant-a", "tenant-b"], None, false);
-        assert!(run(&k, &[], Some("tenant-b"), Some(bound.clone()), 0).is_ok());
-        assert_eq!(
-            run(&k, &[], Some("tenant-c"), Some(bound.clone()), 0).unwrap_err(),
-            Denial::AudienceMismatch
+        assert!(run(&k, &[], Some("tenant-b"), Some(&bound), 0).is_ok());
+        assert_eq!(run(&k, &[], Some("tenant-c"), Some(&bound), 0).unwrap_err(), Denial::AudienceMismatch);
+        assert_eq!(run(&k, &[], None, Some(&bound), 0).unwrap_err(), Denial::AudienceMismatch);
+        assert!(
+            run(&k, &[], Some("anyone"), Some(&good), 0).is_ok(),
+            "an unbound token accepts any audience"
         );
-        assert_eq!(run(&k, &[], None, Some(bound), 0).unwrap_err(), Denial::AudienceMismatch);
-        assert!(run(&k, &[], Some("anyone"), Some(good), 0).is_ok(), "an unbound token accepts any audience");
     }
 
     /// Verification time must not tell a guesser how much of a token is right. By construction
@@ -227,7 +220,7 @@ mod tests {
             let start = Instant::now();
             for g in guesses {
                 let req = Request { token: g, scopes: &[], audiences: &[] };
-                let r = decide(&req, |d| index.get(d).cloned(), t(0));
+                let r = decide(&req, |d| index.get(d), t(0));
                 assert!(matches!(r, Err(Denial::Unknown)));
             }
             start.elapsed().as_secs_f64() * 1e9
@@ -269,7 +262,7 @@ mod tests {
         #[test]
         fn never_accepts_past_valid_until_or_revoked(seed: u64, until in -50i64..50, now in -100i64..100, revoked: bool) {
             let k = tok(seed);
-            let r = run(&k, &[], None, Some(entry(&[], &[], Some(until), revoked)), now);
+            let r = run(&k, &[], None, Some(&entry(&[], &[], Some(until), revoked)), now);
             prop_assert_eq!(r.is_ok(), !revoked && now < until);
         }
 
@@ -277,7 +270,7 @@ mod tests {
         fn granted_scopes_are_covered(want in proptest::sample::subsequence(vec!["a:read", "a:write", "b/x:read", "b/y:write", "c:del"], 0..5)) {
             let k = tok(9);
             let held = entry(&["a:*", "b/x:read"], &[], None, false);
-            let r = run(&k, &want, None, Some(held), 0);
+            let r = run(&k, &want, None, Some(&held), 0);
             let all_covered = want.iter().all(|w| ["a:read", "a:write", "b/x:read"].contains(w));
             prop_assert_eq!(r.is_ok(), all_covered);
         }

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use super::decision::{Denial, Granted, Request as Asked, decide};
-use super::index::Index;
+use super::index::{Index, Reader};
 use super::last_used::LastUsed;
 use super::limiter::{ClientKey, FailureLimiter};
 use crate::core::scope::Scope;
@@ -397,18 +397,19 @@ impl Verifier {
         resp
     }
 
-    /// The decision for `req`. A failure counts against `client`, unless it is already blocked
-    /// (`blocked`), which does not extend its wait.
-    fn decide(
+    /// The decision for `req`, looked up in `index`. A failure counts against `client`, unless
+    /// it is already blocked (`blocked`), which does not extend its wait.
+    fn decide<'a>(
         &self,
         endpoint: Endpoint,
         client: &ClientKey,
         blocked: bool,
-        req: &Asked<'_>,
-    ) -> Result<Granted, Denial> {
+        req: &Asked<'a>,
+        index: &'a Reader<'_>,
+    ) -> Result<Granted<'a>, Denial> {
         let start = Instant::now();
         let now = Timestamp::now();
-        let result = decide(req, |d| self.state.index.get(d), now);
+        let result = decide(req, |d| index.get(d), now);
         let label = match &result {
             Ok(_) => "valid",
             Err(d) => d.reason(),
@@ -439,7 +440,8 @@ impl Verifier {
         let audience = req.audience.as_ref().map(|a| a.0.as_ref());
         let audiences: Vec<&str> = audience.into_iter().collect();
         let asked = Asked { token: &req.token.0, scopes: &scopes, audiences: &audiences };
-        match self.decide(Endpoint::Verify, &client, blocked.is_some(), &asked) {
+        let index = self.state.index.read();
+        match self.decide(Endpoint::Verify, &client, blocked.is_some(), &asked, &index) {
             Ok(g) => {
                 let m = &g.entry.meta;
                 let body = GrantedBody {
@@ -449,7 +451,7 @@ impl Verifier {
                     namespace: &m.namespace,
                     previous: g.entry.previous,
                     scopes: &m.scopes,
-                    token_id: &g.token_id,
+                    token_id: g.token_id,
                     valid: true,
                 };
                 json(StatusCode::OK, &body)
@@ -478,50 +480,58 @@ impl Verifier {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_secs(wait)));
             resp
         };
-        // Percent-decoding is lossy (bad UTF-8 becomes U+FFFD), so a query never fails to parse;
-        // what it decodes to is checked as a scope or matched as an audience.
-        let query = || form_urlencoded::parse(query.unwrap_or("").as_bytes());
+        // One pass over the query. Percent-decoding is lossy (bad UTF-8 becomes U+FFFD), so a
+        // query never fails to parse; what it decodes to is checked as a scope or matched as an
+        // audience.
+        let mut raw_scopes = Vec::new();
+        let mut audience = None;
+        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match key.as_ref() {
+                "scope" => raw_scopes.push(value),
+                "audience" if audience.is_none() => audience = Some(value),
+                _ => {}
+            }
+        }
         // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
-        let mut header_scopes = Vec::new();
-        for v in headers.get_all("x-required-scopes") {
+        for v in headers.get_all(&X_REQUIRED_SCOPES) {
             match v.to_str() {
-                Ok(v) => header_scopes.push(Cow::Borrowed(v)),
+                Ok(v) => raw_scopes.push(Cow::Borrowed(v)),
                 Err(_) => {
                     return refuse(invalid_request("the X-Required-Scopes header has bytes outside ASCII"));
                 }
             }
         }
-        let raw_scopes = query().filter(|(k, _)| k == "scope").map(|(_, v)| v).chain(header_scopes);
-        let scopes = match parse_scopes(raw_scopes) {
+        let scopes = match parse_scopes(raw_scopes.into_iter()) {
             Ok(s) => s,
             Err(m) => return refuse(invalid_request(&m)),
         };
-        let header_audience = match headers.get("x-token-audience").map(HeaderValue::to_str) {
+        let header_audience = match headers.get(&X_TOKEN_AUDIENCE).map(HeaderValue::to_str) {
             None => None,
             Some(Ok(v)) => Some(Cow::Borrowed(v)),
             Some(Err(_)) => {
                 return refuse(invalid_request("the X-Token-Audience header has bytes outside ASCII"));
             }
         };
-        let audience = query().find(|(k, _)| k == "audience").map(|(_, v)| v).or(header_audience);
+        let audience = audience.or(header_audience);
         let token = match bearer_token(headers) {
             Ok(t) => t,
             Err(no) => return refuse(no.refusal()),
         };
         let audiences: Vec<&str> = audience.as_deref().into_iter().collect();
         let asked = Asked { token, scopes: &scopes, audiences: &audiences };
-        match self.decide(Endpoint::Auth, &client, blocked.is_some(), &asked) {
+        let index = self.state.index.read();
+        match self.decide(Endpoint::Auth, &client, blocked.is_some(), &asked, &index) {
             Ok(g) => {
                 let mut resp = text(StatusCode::OK, "ok");
                 let h = resp.headers_mut();
-                if let Ok(id) = HeaderValue::try_from(g.token_id) {
-                    h.insert(HeaderName::from_static("x-token-id"), id);
+                if let Ok(id) = HeaderValue::from_str(g.token_id) {
+                    h.insert(X_TOKEN_ID.clone(), id);
                 }
                 let m = &g.entry.meta;
                 for (name, value) in [
-                    (HeaderName::from_static("x-token-name"), &m.headers.name),
-                    (HeaderName::from_static("x-token-namespace"), &m.headers.namespace),
-                    (HeaderName::from_static("x-token-scopes"), &m.headers.scopes),
+                    (X_TOKEN_NAME.clone(), &m.headers.name),
+                    (X_TOKEN_NAMESPACE.clone(), &m.headers.namespace),
+                    (X_TOKEN_SCOPES.clone(), &m.headers.scopes),
                 ] {
                     if let Some(v) = value {
                         h.insert(name, v.clone());
@@ -564,7 +574,8 @@ impl Verifier {
         let wanted = review.spec.audiences.clone().unwrap_or_default();
         let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
         let asked = Asked { token, scopes: &[], audiences: &wanted };
-        let status = match self.decide(Endpoint::TokenReview, &client, blocked.is_some(), &asked) {
+        let index = self.state.index.read();
+        let status = match self.decide(Endpoint::TokenReview, &client, blocked.is_some(), &asked, &index) {
             Ok(g) => {
                 let m = &g.entry.meta;
                 let mut extra = std::collections::BTreeMap::new();
@@ -572,7 +583,7 @@ impl Verifier {
                     "apitoken.dev/scopes".to_string(),
                     m.scopes.iter().map(ToString::to_string).collect(),
                 );
-                extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.clone()]);
+                extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.to_string()]);
                 if !m.audiences.is_empty() {
                     extra.insert("apitoken.dev/audiences".to_string(), m.audiences.clone());
                 }
@@ -588,7 +599,8 @@ impl Verifier {
                         extra: Some(extra),
                     }),
                     // Empty for an unbound token: valid for whatever audience the caller implies.
-                    audiences: (!g.audiences.is_empty()).then(|| g.audiences.clone()),
+                    audiences: (!g.audiences.is_empty())
+                        .then(|| g.audiences.iter().map(ToString::to_string).collect()),
                     error: None,
                 }
             }
@@ -605,6 +617,14 @@ impl Verifier {
         json(StatusCode::OK, &body)
     }
 }
+
+// Header names parsed once, not on every lookup or insert.
+static X_TOKEN_ID: HeaderName = HeaderName::from_static("x-token-id");
+static X_TOKEN_NAME: HeaderName = HeaderName::from_static("x-token-name");
+static X_TOKEN_NAMESPACE: HeaderName = HeaderName::from_static("x-token-namespace");
+static X_TOKEN_SCOPES: HeaderName = HeaderName::from_static("x-token-scopes");
+static X_REQUIRED_SCOPES: HeaderName = HeaderName::from_static("x-required-scopes");
+static X_TOKEN_AUDIENCE: HeaderName = HeaderName::from_static("x-token-audience");
 
 /// A JSON string of the request, borrowed from the body unless it had escapes.
 struct Text<'a>(Cow<'a, str>);

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use axum::http::HeaderValue;
 use futures::StreamExt;
@@ -127,7 +127,9 @@ pub fn parse_digest(s: &str) -> Option<Digest> {
 
 #[derive(Default)]
 struct Inner {
-    by_hash: HashMap<Digest, Entry>,
+    /// foldhash rather than SipHash: keys are SHA-256 digests of tokens we issued, so nobody can
+    /// choose colliding keys, and every verification hashes one.
+    by_hash: HashMap<Digest, Entry, foldhash::fast::RandomState>,
     /// namespace/name → its hashes and the list generation that last saw it.
     by_object: HashMap<(String, String), (Vec<Digest>, u64)>,
     generation: u64,
@@ -140,9 +142,23 @@ pub struct Index {
     ready: Arc<AtomicBool>,
 }
 
+/// The index, read-locked: verifications look up and answer under it without copying an entry.
+pub struct Reader<'a>(RwLockReadGuard<'a, Inner>);
+
+impl Reader<'_> {
+    pub fn get(&self, digest: &Digest) -> Option<&Entry> {
+        self.0.by_hash.get(digest)
+    }
+}
+
 impl Index {
+    /// Hold it only to decide and write one answer: updates wait meanwhile.
+    pub fn read(&self) -> Reader<'_> {
+        Reader(self.inner.read().expect("index lock"))
+    }
+
     pub fn get(&self, digest: &Digest) -> Option<Entry> {
-        self.inner.read().expect("index lock").by_hash.get(digest).cloned()
+        self.read().get(digest).cloned()
     }
 
     /// Number of hashes held.
