@@ -39,42 +39,70 @@ impl std::str::FromStr for Scope {
     type Err = ScopeError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ScopeError(s.to_string());
-        let (target, verb) = s.rsplit_once(':').ok_or_else(err)?;
+        let r = ScopeRef::parse(s)?;
+        Ok(Scope { resource: r.resource.into(), name: r.name.map(Into::into), verb: r.verb.into() })
+    }
+}
+
+/// A scope borrowed from its text: what verification matches with, allocating nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScopeRef<'a> {
+    pub resource: &'a str,
+    pub name: Option<&'a str>,
+    pub verb: &'a str,
+}
+
+impl<'a> ScopeRef<'a> {
+    /// Parses and checks `resource[/name]:verb`.
+    pub fn parse(s: &'a str) -> Result<Self, ScopeError> {
+        Self::split(s)
+            .filter(|r| is_resource(r.resource) && r.name.is_none_or(is_name) && is_verb(r.verb))
+            .ok_or_else(|| ScopeError(s.to_string()))
+    }
+
+    /// The parts of `resource[/name]:verb`, unchecked: for text that was checked when it was
+    /// stored (the verification index's).
+    pub fn split(s: &'a str) -> Option<Self> {
+        let (target, verb) = s.rsplit_once(':')?;
         let (resource, name) = match target.split_once('/') {
             Some((r, n)) => (r, Some(n)),
             None => (target, None),
         };
-        if !is_resource(resource) || !name.is_none_or(is_name) || !is_verb(verb) {
-            return Err(err());
-        }
-        Ok(Scope { resource: resource.into(), name: name.map(Into::into), verb: verb.into() })
+        Some(Self { resource, name, verb })
+    }
+
+    /// Does holding `self` satisfy a request for `wanted`? A scope without a name covers every
+    /// name of its resource; verb `*` covers every verb.
+    pub fn covers(&self, wanted: &ScopeRef<'_>) -> bool {
+        self.resource == wanted.resource
+            && (self.name.is_none() || self.name == wanted.name)
+            && (self.verb == "*" || self.verb == wanted.verb)
     }
 }
 
-/// As its text, `resource[/name]:verb`.
-impl serde::Serialize for Scope {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl fmt::Display for Scope {
+impl fmt::Display for ScopeRef<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.name {
+        match self.name {
             Some(n) => write!(f, "{}/{}:{}", self.resource, n, self.verb),
             None => write!(f, "{}:{}", self.resource, self.verb),
         }
     }
 }
 
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.borrowed().fmt(f)
+    }
+}
+
 impl Scope {
-    /// Does holding `self` satisfy a request for `wanted`? A scope without a name covers every
-    /// name of its resource; verb `*` covers every verb.
+    pub fn borrowed(&self) -> ScopeRef<'_> {
+        ScopeRef { resource: &self.resource, name: self.name.as_deref(), verb: &self.verb }
+    }
+
+    /// Does holding `self` satisfy a request for `wanted`? See [`ScopeRef::covers`].
     pub fn covers(&self, wanted: &Scope) -> bool {
-        self.resource == wanted.resource
-            && (self.name.is_none() || self.name == wanted.name)
-            && (self.verb == "*" || self.verb == wanted.verb)
+        self.borrowed().covers(&wanted.borrowed())
     }
 }
 

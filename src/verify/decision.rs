@@ -4,7 +4,7 @@ use jiff::Timestamp;
 use sha2::{Digest as _, Sha256};
 
 use super::index::{Digest, Entry};
-use crate::core::scope::Scope;
+use crate::core::scope::ScopeRef;
 use crate::core::token::{self, ParseError};
 
 /// Why a token is refused. Never carries the token.
@@ -55,7 +55,7 @@ impl Denial {
 /// What a verification asks.
 pub struct Request<'a> {
     pub token: &'a str,
-    pub scopes: &'a [Scope],
+    pub scopes: &'a [ScopeRef<'a>],
     /// The audiences the caller speaks for (any one of them must be bound to the token, when the
     /// token is bound at all).
     pub audiences: &'a [&'a str],
@@ -92,15 +92,15 @@ pub fn decide<'a>(
     let missing: Vec<String> = req
         .scopes
         .iter()
-        .filter(|w| !entry.meta.scopes.iter().any(|h| h.covers(w)))
+        .filter(|w| !entry.meta.scopes().any(|h| h.covers(w)))
         .map(ToString::to_string)
         .collect();
     if !missing.is_empty() {
         return Err(Denial::MissingScope(missing));
     }
     let audiences: Vec<&str> =
-        req.audiences.iter().copied().filter(|a| entry.meta.audiences.iter().any(|x| x == a)).collect();
-    if !entry.meta.audiences.is_empty() && audiences.is_empty() {
+        req.audiences.iter().copied().filter(|a| entry.meta.audiences().any(|x| x == *a)).collect();
+    if entry.meta.audiences().len() > 0 && audiences.is_empty() {
         return Err(Denial::AudienceMismatch);
     }
     Ok(Granted { token_id: parsed.id, entry, audiences })
@@ -119,13 +119,13 @@ mod tests {
     }
 
     fn entry(scopes: &[&str], audiences: &[&str], until: Option<i64>, revoked: bool) -> Entry {
-        let scopes: Vec<Scope> = scopes.iter().map(|s| s.parse().unwrap()).collect();
+        let scopes: Vec<crate::core::scope::Scope> = scopes.iter().map(|s| s.parse().unwrap()).collect();
         Entry {
             meta: Arc::new(TokenMeta::new(
-                "ns".into(),
-                "n".into(),
-                scopes,
-                audiences.iter().map(ToString::to_string).collect(),
+                "ns",
+                "n",
+                &scopes,
+                &audiences.iter().map(ToString::to_string).collect::<Vec<_>>(),
                 revoked,
             )),
             valid_until: until.map(t),
@@ -137,8 +137,8 @@ mod tests {
         token::generate("apitok", &mut rand::rngs::StdRng::seed_from_u64(seed)).plaintext.expose().to_string()
     }
 
-    fn scopes(s: &[&str]) -> Vec<Scope> {
-        s.iter().map(|x| x.parse().unwrap()).collect()
+    fn scopes<'a>(s: &[&'a str]) -> Vec<ScopeRef<'a>> {
+        s.iter().map(|x| ScopeRef::parse(x).unwrap()).collect()
     }
 
     fn run(

@@ -32,10 +32,11 @@ use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
 
 use super::decision::{Denial, Granted, Request as Asked, decide};
+use super::index::TokenMeta;
 use super::index::{Index, Reader};
 use super::last_used::LastUsed;
 use super::limiter::{ClientKey, FailureLimiter};
-use crate::core::scope::Scope;
+use crate::core::scope::ScopeRef;
 use crate::metrics::{EndpointLabels, Metrics, VerifyLabels};
 
 /// Largest accepted request body.
@@ -261,14 +262,32 @@ impl<'a> Refusal<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct GrantedBody<'a> {
-    audiences: &'a [String],
+    audiences: Audiences<'a>,
     expires_at: Option<Timestamp>,
     name: &'a str,
     namespace: &'a str,
     previous: bool,
-    scopes: &'a [Scope],
+    scopes: Scopes<'a>,
     token_id: &'a str,
     valid: bool,
+}
+
+/// A token's audiences, as a JSON list.
+struct Audiences<'a>(&'a TokenMeta);
+
+impl Serialize for Audiences<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.audiences())
+    }
+}
+
+/// A token's scopes, as a JSON list.
+struct Scopes<'a>(&'a TokenMeta);
+
+impl Serialize for Scopes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.scope_texts())
+    }
 }
 
 fn denial_answer(status: StatusCode, d: &Denial) -> Answer {
@@ -299,15 +318,14 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("the request body {kind} (line {}, column {})", e.line(), e.column())
 }
 
-fn parse_scopes<'a>(raw: impl Iterator<Item = Cow<'a, str>>) -> Result<Vec<Scope>, String> {
+fn parse_scopes<'a>(raw: impl Iterator<Item = &'a str>) -> Result<Vec<ScopeRef<'a>>, String> {
     let mut out = Vec::new();
-    let mut i = 0;
-    for value in raw {
-        for s in value.split([' ', ',']).filter(|s| !s.is_empty()) {
-            i += 1;
-            // The value is not echoed: a client might have put a secret in the wrong place.
-            out.push(s.parse().map_err(|_| format!("required scope #{i} is not resource[/name]:verb"))?);
-        }
+    for (i, s) in raw.flat_map(|s| s.split([' ', ',']).filter(|s| !s.is_empty())).enumerate() {
+        // The value is not echoed: a client might have put a secret in the wrong place.
+        out.push(
+            ScopeRef::parse(s)
+                .map_err(|_| format!("required scope #{} is not resource[/name]:verb", i + 1))?,
+        );
     }
     Ok(out)
 }
@@ -433,7 +451,7 @@ impl Verifier {
             Ok(r) => r,
             Err(e) => return refuse(bad_request(&json_error(&e))),
         };
-        let scopes = match parse_scopes(req.scopes.into_iter().map(|s| s.0)) {
+        let scopes = match parse_scopes(req.scopes.iter().map(|s| s.0.as_ref())) {
             Ok(s) => s,
             Err(m) => return refuse(bad_request(&m)),
         };
@@ -445,12 +463,12 @@ impl Verifier {
             Ok(g) => {
                 let m = &g.entry.meta;
                 let body = GrantedBody {
-                    audiences: &m.audiences,
+                    audiences: Audiences(m),
                     expires_at: g.entry.valid_until,
-                    name: &m.name,
-                    namespace: &m.namespace,
+                    name: m.name(),
+                    namespace: m.namespace(),
                     previous: g.entry.previous,
-                    scopes: &m.scopes,
+                    scopes: Scopes(m),
                     token_id: g.token_id,
                     valid: true,
                 };
@@ -501,7 +519,7 @@ impl Verifier {
                 }
             }
         }
-        let scopes = match parse_scopes(raw_scopes.into_iter()) {
+        let scopes = match parse_scopes(raw_scopes.iter().map(AsRef::as_ref)) {
             Ok(s) => s,
             Err(m) => return refuse(invalid_request(&m)),
         };
@@ -529,12 +547,12 @@ impl Verifier {
                 }
                 let m = &g.entry.meta;
                 for (name, value) in [
-                    (X_TOKEN_NAME.clone(), &m.headers.name),
-                    (X_TOKEN_NAMESPACE.clone(), &m.headers.namespace),
-                    (X_TOKEN_SCOPES.clone(), &m.headers.scopes),
+                    (&X_TOKEN_NAME, m.name()),
+                    (&X_TOKEN_NAMESPACE, m.namespace()),
+                    (&X_TOKEN_SCOPES, m.scopes_joined()),
                 ] {
-                    if let Some(v) = value {
-                        h.insert(name, v.clone());
+                    if let Ok(v) = HeaderValue::from_str(value) {
+                        h.insert(name.clone(), v);
                     }
                 }
                 resp
@@ -579,22 +597,22 @@ impl Verifier {
             Ok(g) => {
                 let m = &g.entry.meta;
                 let mut extra = std::collections::BTreeMap::new();
-                extra.insert(
-                    "apitoken.dev/scopes".to_string(),
-                    m.scopes.iter().map(ToString::to_string).collect(),
-                );
+                extra.insert("apitoken.dev/scopes".to_string(), m.scope_texts().map(String::from).collect());
                 extra.insert("apitoken.dev/token-id".to_string(), vec![g.token_id.to_string()]);
-                if !m.audiences.is_empty() {
-                    extra.insert("apitoken.dev/audiences".to_string(), m.audiences.clone());
+                if m.audiences().len() > 0 {
+                    extra.insert(
+                        "apitoken.dev/audiences".to_string(),
+                        m.audiences().map(String::from).collect(),
+                    );
                 }
                 TokenReviewStatus {
                     authenticated: Some(true),
                     user: Some(UserInfo {
-                        username: Some(format!("apitoken:{}:{}", m.namespace, m.name)),
-                        uid: Some(format!("apitoken:{}:{}:{}", m.namespace, m.name, g.token_id)),
+                        username: Some(format!("apitoken:{}:{}", m.namespace(), m.name())),
+                        uid: Some(format!("apitoken:{}:{}:{}", m.namespace(), m.name(), g.token_id)),
                         groups: Some(vec![
                             "apitoken:authenticated".into(),
-                            format!("apitoken:namespace:{}", m.namespace),
+                            format!("apitoken:namespace:{}", m.namespace()),
                         ]),
                         extra: Some(extra),
                     }),

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use axum::http::HeaderValue;
 use futures::StreamExt;
 use jiff::Timestamp;
 use kube::runtime::watcher;
@@ -15,57 +14,111 @@ use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use crate::api::{ApiToken, Phase};
-use crate::core::scope::Scope;
+use crate::core::scope::{Scope, ScopeRef};
 
 /// Raw SHA-256 of a token.
 pub type Digest = [u8; 32];
 
-/// Facts shared by a token's current and previous hash.
+/// Facts shared by a token's current and previous hash. Every string a verification reads is in
+/// one allocation (scopes joined by spaces, name, namespace, audiences), so answering touches a
+/// cache line or two rather than one per string, and a token costs little memory.
 #[derive(Debug)]
 pub struct TokenMeta {
-    pub namespace: String,
-    pub name: String,
-    pub scopes: Vec<Scope>,
-    pub audiences: Vec<String>,
+    text: Box<str>,
+    /// Where the name, the namespace and the audiences start in `text` (the scopes come first).
+    name_at: u32,
+    namespace_at: u32,
+    audiences_at: u32,
+    /// Where each audience ends.
+    audience_ends: Box<[u32]>,
     pub revoked: bool,
-    /// Forward-auth's answer headers, made once per token rather than once per request.
-    pub headers: AuthHeaders,
     /// When a use was last handed to the `lastUsedAt` writer (Unix seconds, 0: never).
     pub last_use_sent: AtomicI64,
 }
 
-/// Name, namespace and scopes (joined by spaces) as header values; `None` where a value cannot be
-/// sent in a header (the header is left out).
-#[derive(Debug)]
-pub struct AuthHeaders {
-    pub name: Option<HeaderValue>,
-    pub namespace: Option<HeaderValue>,
-    pub scopes: Option<HeaderValue>,
+fn offset(text: &str) -> u32 {
+    // Kubernetes names, scopes and audiences: far below 4 GiB.
+    u32::try_from(text.len()).expect("token metadata under 4 GiB")
 }
 
 impl TokenMeta {
-    pub fn new(
-        namespace: String,
-        name: String,
-        scopes: Vec<Scope>,
-        audiences: Vec<String>,
-        revoked: bool,
-    ) -> Self {
-        let joined = scopes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ");
-        let headers = AuthHeaders {
-            name: HeaderValue::from_str(&name).ok(),
-            namespace: HeaderValue::from_str(&namespace).ok(),
-            scopes: HeaderValue::try_from(joined).ok(),
-        };
-        Self { namespace, name, scopes, audiences, revoked, headers, last_use_sent: AtomicI64::new(0) }
+    pub fn new(namespace: &str, name: &str, scopes: &[Scope], audiences: &[String], revoked: bool) -> Self {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        for (i, scope) in scopes.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            let _ = write!(text, "{sep}{scope}");
+        }
+        let name_at = offset(&text);
+        text.push_str(name);
+        let namespace_at = offset(&text);
+        text.push_str(namespace);
+        let audiences_at = offset(&text);
+        let audience_ends = audiences
+            .iter()
+            .map(|a| {
+                text.push_str(a);
+                offset(&text)
+            })
+            .collect();
+        Self {
+            text: text.into_boxed_str(),
+            name_at,
+            namespace_at,
+            audiences_at,
+            audience_ends,
+            revoked,
+            last_use_sent: AtomicI64::new(0),
+        }
+    }
+
+    fn at(&self, from: u32, to: u32) -> &str {
+        self.text.get(from as usize..to as usize).unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.at(self.name_at, self.namespace_at)
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.at(self.namespace_at, self.audiences_at)
+    }
+
+    /// The scopes the token holds, joined by spaces (as forward-auth's `X-Token-Scopes`).
+    pub fn scopes_joined(&self) -> &str {
+        self.at(0, self.name_at)
+    }
+
+    /// Each scope's text.
+    pub fn scope_texts(&self) -> impl Iterator<Item = &str> {
+        self.scopes_joined().split(' ').filter(|s| !s.is_empty())
+    }
+
+    pub fn scopes(&self) -> impl Iterator<Item = ScopeRef<'_>> {
+        self.scope_texts().filter_map(ScopeRef::split)
+    }
+
+    /// The audiences the token is bound to (none: valid for any audience).
+    pub fn audiences(&self) -> impl ExactSizeIterator<Item = &str> {
+        (0..self.audience_ends.len()).map(|i| {
+            let from = if i == 0 { self.audiences_at } else { self.audience_ends[i - 1] };
+            self.at(from, self.audience_ends[i])
+        })
     }
 }
 
 impl PartialEq for TokenMeta {
-    /// The token's facts; bookkeeping (`last_use_sent`) and derived headers do not count.
+    /// The token's facts; the `lastUsedAt` bookkeeping does not count.
     fn eq(&self, other: &Self) -> bool {
-        (&self.namespace, &self.name, &self.scopes, &self.audiences, self.revoked)
-            == (&other.namespace, &other.name, &other.scopes, &other.audiences, other.revoked)
+        (&self.text, self.name_at, self.namespace_at, self.audiences_at, &self.audience_ends, self.revoked)
+            == (
+                &other.text,
+                other.name_at,
+                other.namespace_at,
+                other.audiences_at,
+                &other.audience_ends,
+                other.revoked,
+            )
     }
 }
 
@@ -93,10 +146,10 @@ pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
     }
     let scopes: Vec<Scope> = status.effective_scopes.iter().filter_map(|s| s.parse().ok()).collect();
     let meta = Arc::new(TokenMeta::new(
-        at.namespace().unwrap_or_default(),
-        at.name_any(),
-        scopes,
-        at.spec.audiences.clone(),
+        at.metadata.namespace.as_deref().unwrap_or_default(),
+        at.metadata.name.as_deref().unwrap_or_default(),
+        &scopes,
+        &at.spec.audiences,
         at.spec.revoked || status.phase == Some(Phase::Revoked),
     ));
     let mut out = Vec::with_capacity(2);
@@ -315,6 +368,22 @@ mod tests {
         at.metadata.deletion_timestamp = Some(Time(Timestamp::from_second(50).unwrap()));
         index.upsert(&at);
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn token_meta_keeps_every_string_apart() {
+        let scopes: Vec<Scope> = vec!["metrics:read".parse().unwrap(), "pipeline/prod:*".parse().unwrap()];
+        let auds = vec!["tenant-a".to_string(), "b".to_string()];
+        let m = TokenMeta::new("team-a", "reader", &scopes, &auds, false);
+        assert_eq!((m.namespace(), m.name()), ("team-a", "reader"));
+        assert_eq!(m.scopes_joined(), "metrics:read pipeline/prod:*");
+        assert_eq!(
+            m.scopes().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ["metrics:read", "pipeline/prod:*"]
+        );
+        assert_eq!(m.audiences().collect::<Vec<_>>(), ["tenant-a", "b"]);
+        let bare = TokenMeta::new("ns", "n", &[], &[], true);
+        assert_eq!((bare.scopes().count(), bare.audiences().len(), bare.name()), (0, 0, "n"));
     }
 
     #[test]

@@ -78,7 +78,7 @@ pub fn start(client: Client) -> LastUsed {
         let mut debouncer = Debouncer::default();
         let mut sweeps = 0u32;
         while let Some(meta) = rx.recv().await {
-            let key = (meta.namespace.clone(), meta.name.clone());
+            let key = (meta.namespace().to_string(), meta.name().to_string());
             let now = Instant::now();
             if !debouncer.due(&key, now) {
                 continue;
