@@ -77,14 +77,36 @@ async fn leader_killed_during_a_rotation_storm_loses_nothing_and_rotates_nothing
     println!("leader SIGKILLed with {done_at_kill}/{N} rotations done");
 
     // While nobody leads, half of the tokens get a second trigger change: it must not be lost.
-    // Where the dead leader had not yet rotated for storm-1, the two changes rightly fold into one
-    // rotation; the status returned with the patch says which case each token is in.
-    let mut expected: BTreeMap<String, i64> = names.iter().map(|n| (n.clone(), 1)).collect();
+    // Where the dead leader had not yet delivered a storm-1 token, the two changes rightly fold
+    // into one rotation. The status returned with the patch and the Secret say which case each
+    // token is in: a storm-1 rotation recorded in the status whose token never reached the Secret
+    // is recovered by the next leader with one new token for both changes (one rotation), unless
+    // the dead leader's Secret write was still in flight and lands after we look (two).
+    let mut expected: BTreeMap<String, std::ops::RangeInclusive<i64>> =
+        names.iter().map(|n| (n.clone(), 1..=1)).collect();
     let second_wave = join_all(names.iter().step_by(2).map(|n| set_trigger(&tokens, n, "storm-2"))).await;
     for at in second_wave {
-        let seen_first = at.status.and_then(|s| s.observed_trigger).as_deref() == Some("storm-1");
-        expected.insert(at.metadata.name.unwrap(), if seen_first { 2 } else { 1 });
+        let status = at.status.unwrap_or_default();
+        let rotated_first = status.observed_trigger.as_deref() == Some("storm-1");
+        let delivered = match status.secret_name.as_deref() {
+            Some(name) if rotated_first => secrets
+                .get_opt(name)
+                .await
+                .unwrap()
+                .and_then(|s| s.data?.get("token").map(|t| t.0.clone()))
+                .and_then(|t| String::from_utf8(t).ok())
+                .is_some_and(|t| Some(apitoken_operator::core::token::hash(&t)) == status.token_hash),
+            _ => false,
+        };
+        let range = match (rotated_first, delivered) {
+            (true, true) => 2..=2,
+            (true, false) => 1..=2,
+            (false, _) => 1..=1,
+        };
+        expected.insert(at.metadata.name.unwrap(), range);
     }
+    let undelivered = expected.values().filter(|r| **r == (1..=2)).count();
+    println!("second wave: {undelivered} tokens had a storm-1 rotation recorded but not yet delivered");
 
     let second = wait_for("a new leader", Duration::from_secs(25), || async {
         lease_holder(&leases).await.filter(|h| *h != first)
@@ -100,13 +122,20 @@ async fn leader_killed_during_a_rotation_storm_loses_nothing_and_rotates_nothing
     println!("storm settled {:?} after the kill", killed.elapsed());
 
     for n in &names {
-        let expected = expected[n];
         let token = issued_token(&tokens, &secrets, n, None).await;
         let s = tokens.get(n).await.unwrap().status.unwrap();
         let was = &before[n];
-        assert_eq!(s.rotation_count, was.rotations + expected, "{n}: one rotation per trigger change");
+        let rotations = s.rotation_count - was.rotations;
+        assert!(
+            expected[n].contains(&rotations),
+            "{n}: one rotation per delivered trigger change: {rotations}, expected {:?}",
+            expected[n]
+        );
         assert_ne!(s.token_hash.as_ref(), Some(&was.hash), "{n} rotated");
-        if expected == 1 {
+        if expected[n] == (1..=2) {
+            println!("{n}: undelivered storm-1 rotation, then {rotations} rotation(s) in all");
+        }
+        if rotations == 1 {
             // Rotated exactly once: the outgoing token is the one from before the storm.
             assert_eq!(
                 s.previous_token_hash.as_ref(),
