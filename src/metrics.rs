@@ -2,9 +2,12 @@
 //! name on its expiry gauge (as cert-manager does for certificates); never a token.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
+use prometheus_client::metrics::MetricType;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -32,16 +35,41 @@ pub struct PhaseLabels {
     pub phase: &'static str,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TokenLabels {
-    pub namespace: String,
-    pub name: String,
-    /// `enabled` or `disabled`: alerts care about tokens that will not rotate.
-    pub rotation: &'static str,
-}
-
 /// namespace/name of an ApiToken.
 pub type TokenKey = (String, String);
+
+/// What the per-token gauges need of one token, as the controller last saw it.
+#[derive(Clone, Copy, Debug)]
+struct TokenRecord {
+    phase: &'static str,
+    expires: Option<i64>,
+    rotation: bool,
+}
+
+/// The expiry gauge of every token, written at scrape time from one record per token (a gauge
+/// family kept a second copy of each token's labels and a gauge, forever).
+#[derive(Debug, Default)]
+struct Tokens(Mutex<HashMap<TokenKey, TokenRecord>>);
+
+impl Collector for Tokens {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let tokens = self.0.lock().expect("metrics lock");
+        let mut family = encoder.encode_descriptor(
+            "expiration_timestamp_seconds",
+            "When each ApiToken's current token expires (Unix seconds)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((namespace, name), record) in tokens.iter() {
+            let Some(expires) = record.expires else { continue };
+            // `rotation` is `enabled` or `disabled`: alerts care about tokens that will not rotate.
+            let rotation = if record.rotation { "enabled" } else { "disabled" };
+            let labels = [("namespace", namespace.as_str()), ("name", name.as_str()), ("rotation", rotation)];
+            family.encode_family(&labels)?.encode_gauge(&expires)?;
+        }
+        Ok(())
+    }
+}
 
 pub struct Metrics {
     pub registry: Registry,
@@ -52,9 +80,8 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tokens_by_phase: Family<PhaseLabels, Gauge>,
-    pub expiration: Family<TokenLabels, Gauge>,
-    /// The last phase and expiry labels seen per token, to move the gauges incrementally.
-    seen: Mutex<HashMap<TokenKey, (&'static str, Option<TokenLabels>)>>,
+    /// Each token's last phase (to move `tokens_by_phase`) and expiry.
+    tokens: Arc<Tokens>,
 }
 
 impl Default for Metrics {
@@ -98,12 +125,8 @@ impl Default for Metrics {
             "ApiTokens by phase, as this controller last saw them",
             tokens_by_phase.clone(),
         );
-        let expiration = Family::<TokenLabels, Gauge>::default();
-        registry.register(
-            "expiration_timestamp_seconds",
-            "When each ApiToken's current token expires (Unix seconds)",
-            expiration.clone(),
-        );
+        let tokens = Arc::new(Tokens::default());
+        registry.register_collector(Box::new(tokens.clone()));
         Self {
             registry,
             verifications,
@@ -113,8 +136,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_duration,
             tokens_by_phase,
-            expiration,
-            seen: Mutex::new(HashMap::new()),
+            tokens,
         }
     }
 }
@@ -128,32 +150,24 @@ impl Metrics {
         expires: Option<i64>,
         rotation: bool,
     ) {
-        let labels = expires.map(|_| TokenLabels {
-            namespace: key.0.clone(),
-            name: key.1.clone(),
-            rotation: if rotation { "enabled" } else { "disabled" },
-        });
-        let mut seen = self.seen.lock().expect("metrics lock");
-        if let Some((old_phase, old_labels)) = seen.remove(&key) {
-            self.tokens_by_phase.get_or_create(&PhaseLabels { phase: old_phase }).dec();
-            if let Some(l) = old_labels {
-                self.expiration.remove(&l);
+        let mut tokens = self.tokens.0.lock().expect("metrics lock");
+        let record = TokenRecord { phase, expires, rotation };
+        match tokens.get_mut(&key) {
+            Some(old) => {
+                self.tokens_by_phase.get_or_create(&PhaseLabels { phase: old.phase }).dec();
+                *old = record;
+            }
+            None => {
+                tokens.insert(key, record);
             }
         }
         self.tokens_by_phase.get_or_create(&PhaseLabels { phase }).inc();
-        if let (Some(l), Some(e)) = (&labels, expires) {
-            self.expiration.get_or_create(l).set(e);
-        }
-        seen.insert(key, (phase, labels));
     }
 
     /// Forgets a deleted token.
     pub fn forget_token(&self, key: &(String, String)) {
-        if let Some((phase, labels)) = self.seen.lock().expect("metrics lock").remove(key) {
-            self.tokens_by_phase.get_or_create(&PhaseLabels { phase }).dec();
-            if let Some(l) = labels {
-                self.expiration.remove(&l);
-            }
+        if let Some(old) = self.tokens.0.lock().expect("metrics lock").remove(key) {
+            self.tokens_by_phase.get_or_create(&PhaseLabels { phase: old.phase }).dec();
         }
     }
 
