@@ -7,6 +7,7 @@
 
 mod cleanup;
 mod error;
+mod events;
 mod restart;
 pub mod secret;
 pub mod status;
@@ -20,7 +21,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::TryRngCore;
@@ -48,18 +49,16 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: events::Publisher,
     pub policies: PolicyView,
     pub metrics: Arc<Metrics>,
 }
 
 impl Context {
     pub fn new(client: Client, policies: PolicyView, metrics: Arc<Metrics>) -> Self {
-        let reporter = Reporter {
-            controller: MANAGER.into(),
-            instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
-        };
-        Self { recorder: Recorder::new(client.clone(), reporter), client, policies, metrics }
+        let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
+        let events = events::Publisher::new(client.clone(), MANAGER.into(), instance);
+        Self { client, events, policies, metrics }
     }
 }
 
@@ -692,7 +691,7 @@ async fn remove_old_secret(secrets: &Api<Secret>, old: &str, new: &str) -> Resul
 async fn publish(ctx: &Context, obj: &ApiToken, type_: EventType, reason: &str, note: String) {
     let event =
         Event { type_, reason: reason.into(), note: Some(note), action: reason.into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &obj.object_ref(&())).await {
+    if let Err(e) = ctx.events.publish(&event, &obj.object_ref(&())).await {
         warn!(error = %e, reason, "publishing an event failed");
     }
 }
