@@ -290,13 +290,18 @@ impl Serialize for Scopes<'_> {
     }
 }
 
-fn denial_answer(status: StatusCode, d: &Denial) -> Answer {
-    let message = d.message();
-    let mut body = Refusal::new(d.reason(), &message);
+/// The refusal body for `d`, with the missing scopes when that is why; `message` is
+/// `d.message()` (owned by the caller, so the body can borrow it).
+fn denial_body<'a>(d: &'a Denial, message: &'a str) -> Refusal<'a> {
+    let mut body = Refusal::new(d.reason(), message);
     if let Denial::MissingScope(missing) = d {
         body.missing_scopes = Some(missing);
     }
-    json(status, &body)
+    body
+}
+
+fn denial_answer(status: StatusCode, d: &Denial) -> Answer {
+    json(status, &denial_body(d, &d.message()))
 }
 
 fn bad_request(message: &str) -> Answer {
@@ -567,12 +572,7 @@ impl Verifier {
                     }
                     other => challenge(Some("invalid_token"), Some(other.reason()), None),
                 };
-                let message = d.message();
-                let mut body = Refusal::new(d.reason(), &message);
-                if let Denial::MissingScope(missing) = &d {
-                    body.missing_scopes = Some(missing);
-                }
-                let refusal = auth_refusal(d.status() == 403, h, &body);
+                let refusal = auth_refusal(d.status() == 403, h, &denial_body(&d, &d.message()));
                 if d.status() == 403 { refusal } else { refuse(refusal) }
             }
         }
