@@ -5,7 +5,7 @@
 //! verification index holds every token; then the API server is restarted to force every watch
 //! to list again, and the operator's peak RSS during that re-list is compared with its steady RSS.
 //! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32), BENCH_SCALE_KEEP_LOG
-//! (keep the operator's debug log in the temp directory), BENCH_SCALE_MEMORY_N (then one more size,
+//! (keep the operator's log in the temp directory), BENCH_SCALE_MEMORY_N (then one more size,
 //! e.g. 100000, through the operator only: RSS, re-list peak; no baseline).
 
 use std::collections::HashMap;
@@ -112,7 +112,9 @@ fn start_operator(kubeconfig: &Path, namespace: &str) -> Operator {
             &format!("127.0.0.1:{metrics}"),
         ])
         .env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "debug,hyper=info,hyper_util=info,tower=info,h2=info,rustls=info")
+        // Production's level, plus kube's per-request line (counted below as API writes): a
+        // whole debug log (6 KB per token) slowed the operator it was measuring.
+        .env("RUST_LOG", "info,kube_client::client::builder=debug")
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
@@ -259,7 +261,7 @@ async fn run_one(
     );
     println!("  API writes per token (operator, excluding Events) = {:.2}", writes as f64 / n as f64);
     println!("  verification index complete {index_lag:.2?} after the last token became Active");
-    // The debug log is large (about 6 KB per token); it was only needed for the counts above.
+    // The log (one line per API request) was only needed for the counts above.
     if std::env::var_os("BENCH_SCALE_KEEP_LOG").is_none() {
         let _ = std::fs::remove_file(&op.log);
     }

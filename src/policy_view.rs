@@ -82,8 +82,7 @@ impl PolicyView {
             nw,
             watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
         )
-        .backoff(crate::backoff::Bounded::watches())
-        .touched_objects();
+        .backoff(crate::backoff::Bounded::watches());
         let token_api: Api<ApiToken> = match namespace {
             Some(ns) => Api::namespaced(client.clone(), ns),
             None => Api::all(client.clone()),
@@ -94,38 +93,27 @@ impl PolicyView {
         let tx2 = tx.clone();
         let (touch1, touch2, touch3) = (touched.clone(), touched.clone(), touched.clone());
         let bump = |t: &tokio::sync::watch::Sender<u64>| t.send_modify(|n| *n = n.wrapping_add(1));
-        // Generations seen: a status write (ours) must not re-evaluate every token.
-        let mut generations: HashMap<String, Option<i64>> = HashMap::new();
+        // What evaluation reads: a policy's generation (its status, which we write, is not part of
+        // it) and a namespace's labels. A watch listing everything again after a restart changes
+        // nothing by itself; only a difference re-evaluates every token.
+        let mut generations = Fingerprints::default();
+        let mut labels = Fingerprints::default();
         let drive = async move {
             let policies = policy_events.for_each(move |e| {
-                let spec_changed = match &e {
-                    Ok(watcher::Event::Apply(p)) => {
-                        generations.insert(p.name_any(), p.metadata.generation) != Some(p.metadata.generation)
-                    }
-                    Ok(watcher::Event::InitApply(p)) => {
-                        generations.insert(p.name_any(), p.metadata.generation);
-                        false
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        generations.remove(&p.name_any());
-                        true
-                    }
-                    Ok(watcher::Event::InitDone) => true,
-                    Ok(watcher::Event::Init) => false,
-                    Err(e) => {
-                        warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
-                        true
-                    }
-                };
-                if spec_changed {
+                if let Err(e) = &e {
+                    warn!(error = %e, "ApiTokenPolicy watch failed; retrying");
+                }
+                if generations.apply(e.as_ref().ok(), |p: &ApiTokenPolicy| p.metadata.generation) {
                     let _ = tx.send(());
                 }
                 bump(&touch1);
                 async {}
             });
             let namespaces = ns_events.for_each(move |e| {
-                if e.is_ok() {
+                if labels.apply(e.as_ref().ok(), |n: &PartialObjectMeta<Namespace>| n.labels().clone()) {
                     let _ = tx2.send(());
+                }
+                if e.is_ok() {
                     bump(&touch2);
                 }
                 async {}
@@ -383,6 +371,51 @@ pub fn parse_selector(sel: &LabelSelector) -> Result<Selector, Vec<String>> {
     Selector::try_from(sel.clone()).map_err(|e| vec![format!("namespaceSelector: {e}")])
 }
 
+/// What policy evaluation read of each object of one watch (keyed by name), to tell a real
+/// change from the same objects listed again after a watch restarts.
+struct Fingerprints<V> {
+    seen: HashMap<String, V>,
+    /// The (re-)list in progress: compared with `seen` once complete.
+    listing: Option<HashMap<String, V>>,
+}
+
+impl<V> Default for Fingerprints<V> {
+    fn default() -> Self {
+        Self { seen: HashMap::new(), listing: None }
+    }
+}
+
+impl<V: PartialEq> Fingerprints<V> {
+    /// Takes in one watch event (`None` for a failed watch: nothing changed yet); true when
+    /// what `read` sees differs from before: an object added, changed or removed.
+    fn apply<K: ResourceExt>(&mut self, event: Option<&watcher::Event<K>>, read: impl Fn(&K) -> V) -> bool {
+        match event {
+            None => false,
+            Some(watcher::Event::Init) => {
+                self.listing = Some(HashMap::new());
+                false
+            }
+            Some(watcher::Event::InitApply(o)) => {
+                self.listing.get_or_insert_default().insert(o.name_any(), read(o));
+                false
+            }
+            Some(watcher::Event::InitDone) => {
+                let listed = self.listing.take().unwrap_or_default();
+                let changed = listed != self.seen;
+                self.seen = listed;
+                changed
+            }
+            Some(watcher::Event::Apply(o)) => {
+                let (name, now) = (o.name_any(), read(o));
+                let changed = self.seen.get(&name) != Some(&now);
+                self.seen.insert(name, now);
+                changed
+            }
+            Some(watcher::Event::Delete(o)) => self.seen.remove(&o.name_any()).is_some(),
+        }
+    }
+}
+
 /// The census as it is, plus the one a (re-)list is building: quotas keep counting from the old
 /// one until the list is complete, so a re-list never opens a window with nothing counted.
 #[derive(Default)]
@@ -434,6 +467,43 @@ mod tests {
 
     fn selector(v: serde_json::Value) -> LabelSelector {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn only_a_real_change_re_evaluates_tokens() {
+        let ns = |name: &str, team: &str| {
+            let mut n = PartialObjectMeta::<Namespace>::default();
+            n.metadata.name = Some(name.into());
+            n.metadata.labels = Some([("team".to_string(), team.to_string())].into());
+            n
+        };
+        let labels = |n: &PartialObjectMeta<Namespace>| n.labels().clone();
+        let mut f = Fingerprints::default();
+        let list = |f: &mut Fingerprints<_>, items: &[PartialObjectMeta<Namespace>]| {
+            let mut fired = f.apply(Some(&watcher::Event::Init), labels);
+            for n in items {
+                fired |= f.apply(Some(&watcher::Event::InitApply(n.clone())), labels);
+            }
+            (fired, f.apply(Some(&watcher::Event::InitDone), labels))
+        };
+        // The first list: something is known now.
+        assert_eq!(list(&mut f, &[ns("a", "x"), ns("b", "y")]), (false, true));
+        // The same objects listed again after a restart: nothing to re-evaluate.
+        assert_eq!(list(&mut f, &[ns("b", "y"), ns("a", "x")]), (false, false));
+        // Listed again with a label changed, or one gone, while the watch was down.
+        assert_eq!(list(&mut f, &[ns("a", "x"), ns("b", "z")]), (false, true));
+        assert_eq!(list(&mut f, &[ns("a", "x")]), (false, true));
+        // Events: the same labels again (e.g. an annotation changed) fire nothing.
+        assert!(!f.apply(Some(&watcher::Event::Apply(ns("a", "x"))), labels));
+        assert!(f.apply(Some(&watcher::Event::Apply(ns("a", "w"))), labels));
+        assert!(f.apply(Some(&watcher::Event::Apply(ns("c", "w"))), labels));
+        assert!(f.apply(Some(&watcher::Event::Delete(ns("c", "w"))), labels));
+        assert!(!f.apply(Some(&watcher::Event::Delete(ns("c", "w"))), labels));
+        // A failed watch changes nothing until it has listed again.
+        assert!(!f.apply(None, labels));
+        // An empty first list when nothing exists: nothing changed.
+        let mut empty = Fingerprints::default();
+        assert_eq!(list(&mut empty, &[]), (false, false));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub async fn remove_secrets_of_deleted_tokens(
     client: Client,
     namespace: Option<String>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
+    wakeups: std::sync::Arc<super::wakeups::Wakeups>,
 ) {
     let tokens: Api<PartialObjectMeta<ApiToken>> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -46,7 +47,9 @@ pub async fn remove_secrets_of_deleted_tokens(
                 listed = HashSet::new();
             }
             Ok(watcher::Event::Delete(meta)) => {
-                metrics.forget_token(&(meta.namespace().unwrap_or_default(), meta.name_any()));
+                let key = (meta.namespace().unwrap_or_default(), meta.name_any());
+                metrics.forget_token(&key);
+                wakeups.cancel(&key);
                 if let (Some(ns), Some(uid)) = (meta.namespace(), meta.uid())
                     && let Err(e) = remove_owned(&client, &ns, &meta.name_any(), &uid).await
                 {

@@ -11,6 +11,7 @@ mod events;
 mod restart;
 pub mod secret;
 pub mod status;
+mod wakeups;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::TryRngCore;
@@ -52,13 +54,20 @@ pub struct Context {
     pub events: events::Publisher,
     pub policies: PolicyView,
     pub metrics: Arc<Metrics>,
+    /// Reconciles asked for at a time.
+    wakeups: Arc<wakeups::Wakeups>,
 }
 
 impl Context {
-    pub fn new(client: Client, policies: PolicyView, metrics: Arc<Metrics>) -> Self {
+    fn new(
+        client: Client,
+        policies: PolicyView,
+        metrics: Arc<Metrics>,
+        wakeups: Arc<wakeups::Wakeups>,
+    ) -> Self {
         let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
         let events = events::Publisher::new(client.clone(), MANAGER.into(), instance);
-        Self { client, events, policies, metrics }
+        Self { client, events, policies, metrics, wakeups }
     }
 }
 
@@ -77,9 +86,11 @@ pub async fn run(
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
         watcher::Config::default().labels(&format!("{}={}", secret::MANAGED_BY_LABEL, secret::MANAGED_BY));
-    let ctx = Arc::new(Context::new(client.clone(), policies.clone(), metrics.clone()));
+    let wakeups = Arc::new(wakeups::Wakeups::default());
+    let ctx = Arc::new(Context::new(client.clone(), policies.clone(), metrics.clone(), wakeups.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
-    let cleanup = cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics);
+    let cleanup =
+        cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics, wakeups.clone());
     // The controller's cache holds every ApiToken: keep it lean. managedFields and kubectl's
     // last-applied annotation are most of an object's size and nothing here reads them.
     let (store, writer) = reflector::store();
@@ -98,6 +109,7 @@ pub async fn run(
         .owns(secrets, owned)
         // A policy or namespace label change re-evaluates every token.
         .reconcile_all_on(policies.changes())
+        .reconcile_on(wakeups.due().map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -125,6 +137,8 @@ fn error_policy(obj: Arc<ApiToken>, err: &Error, _ctx: Arc<Context>) -> Requeue 
 #[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
 async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = std::time::Instant::now();
+    // This reconcile consumes the token's pending wake-up, as kube's scheduler would.
+    ctx.wakeups.cancel(&(obj.namespace().unwrap_or_default(), obj.name_any()));
     let result = Box::pin(reconcile_steps(&obj, &ctx)).await;
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = match &result {
@@ -140,21 +154,16 @@ async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error
     for _ in 0..MAX_STEPS {
         match Box::pin(step(&obj, ctx)).await? {
             Step::Continue(updated) => obj = *updated,
-            Step::Done(wake) => return Ok(requeue_at(wake, Timestamp::now())),
+            Step::Done(wake) => {
+                // Sleep until `wake`, or until something changes.
+                if let Some(at) = wake {
+                    ctx.wakeups.set((obj.namespace().unwrap_or_default(), obj.name_any()), at);
+                }
+                return Ok(Requeue::await_change());
+            }
         }
     }
     Ok(Requeue::requeue(Duration::from_millis(200)))
-}
-
-/// Sleep exactly until `wake` (rounded up to the millisecond), or until something changes.
-fn requeue_at(wake: Option<Timestamp>, now: Timestamp) -> Requeue {
-    match wake {
-        None => Requeue::await_change(),
-        Some(t) => {
-            let ms = u64::try_from(now.duration_until(t).as_millis().max(0)).unwrap_or(0);
-            Requeue::requeue(Duration::from_millis(ms + 1))
-        }
-    }
 }
 
 enum Step {
