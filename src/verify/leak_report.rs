@@ -46,8 +46,9 @@ use crate::core::token::{self, Plaintext};
 pub const KEY_ID_HEADER: &str = "github-public-key-identifier";
 /// The header holding base64 of the DER ECDSA P-256/SHA-256 signature of the raw body.
 pub const SIGNATURE_HEADER: &str = "github-public-key-signature";
-/// The largest body the endpoint reads (413 beyond). 100 entries of the longest accepted fields
-/// stay under it; GitHub batches far fewer.
+/// The largest body the endpoint reads (413 beyond). A full report of [`MAX_ENTRIES`] with
+/// GitHub's usual fields (a blob URL of about 150 bytes) is about 30 KB; the per-field limits
+/// below bound each entry, this bounds the whole.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// Entries in one report.
 pub const MAX_ENTRIES: usize = 100;
@@ -865,6 +866,11 @@ mod tests {
         let e = parse_report(&bytes).unwrap_err();
         assert!(matches!(e, ReportError::NotJson { .. }), "{e:?}");
         assert_hides(&format!("{e} {e:?}"), std::slice::from_ref(&t));
+        // Nothing is logged on the way (the HTTP layer logs the error's text, checked above).
+        let body = format!(r#"[{{"token": "{t}", "url": 1}}]"#);
+        let (result, logs) = logged(|| parse_report(body.as_bytes()));
+        assert!(result.is_err());
+        assert_eq!(logs, "");
         let big = vec![b' '; MAX_BODY_BYTES + 1];
         assert_eq!(parse_report(&big), Err(ReportError::TooLarge { len: MAX_BODY_BYTES + 1 }));
     }
@@ -912,6 +918,7 @@ mod tests {
             "9a45520a1213f15016d2d768b5fb3d904492a44ee274b44d4de8803e00fb536a"
         );
         assert!(!body.contains(&t) && !body.contains("nope\""), "{body}");
+        assert_hides(&format!("{feedback:?} {report:?}"), std::slice::from_ref(&t));
         assert_eq!(github_token_hash("abc"), "abc");
     }
 
