@@ -24,7 +24,7 @@ clippy:
 	@$(STAGE) clippy cargo clippy --locked --all-targets -- -D warnings
 
 unit:
-	@$(STAGE) unit cargo test --locked --lib --bins --test 'fuzz_*' --test 'unit_*'
+	@$(STAGE) unit cargo test --locked --lib --bins --test 'fuzz_*' --test 'unit_*' --test scan_gitleaks
 
 e2e: tools
 	@$(STAGE) e2e-deps hack/ensure-deps nginx

@@ -5,6 +5,7 @@ pub mod decision;
 pub mod http;
 pub mod index;
 pub mod last_used;
+pub mod leak_report;
 pub mod limiter;
 pub mod tls;
 
