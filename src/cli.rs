@@ -124,6 +124,12 @@ pub struct RunArgs {
     #[arg(long, env = "APITOKEN_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_cidr)]
     pub trusted_proxies: Vec<crate::verify::limiter::Cidr>,
 
+    /// GitHub's secret scanning public keys (the JSON document GitHub publishes, e.g. a mounted
+    /// ConfigMap): with it, /v1/leaks/github takes GitHub's leaked-token alerts. Re-read when it
+    /// changes. See docs/leak-reports.md.
+    #[arg(long, env = "APITOKEN_LEAK_KEYS_FILE")]
+    pub leak_keys_file: Option<PathBuf>,
+
     /// Failed verifications a client may make per second, sustained, before it is refused with `Retry-After` (429; 401 on /v1/auth).
     #[arg(long, env = "APITOKEN_FAILURES_PER_SECOND", default_value_t = 5)]
     pub failures_per_second: u32,

@@ -30,6 +30,14 @@ pub struct ReconcileLabels {
     pub result: &'static str,
 }
 
+/// A leak report's outcome, per reported token (`true_positive`, `false_positive`) or per refused
+/// request (`unauthorized`, `invalid`, `rate_limited`, `unavailable`), and who reported it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeakLabels {
+    pub reporter: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
@@ -80,6 +88,7 @@ pub struct Metrics {
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub tokens_by_phase: Family<PhaseLabels, Gauge>,
+    pub leak_reports: Family<LeakLabels, Counter>,
     /// Each token's last phase (to move `tokens_by_phase`) and expiry.
     tokens: Arc<Tokens>,
 }
@@ -125,6 +134,12 @@ impl Default for Metrics {
             "ApiTokens by phase, as this controller last saw them",
             tokens_by_phase.clone(),
         );
+        let leak_reports = Family::<LeakLabels, Counter>::default();
+        registry.register(
+            "leak_reports",
+            "Leaked-token reports: each reported token (true_positive kills a token) and each refused request",
+            leak_reports.clone(),
+        );
         let tokens = Arc::new(Tokens::default());
         registry.register_collector(Box::new(tokens.clone()));
         Self {
@@ -136,6 +151,7 @@ impl Default for Metrics {
             reconciles,
             reconcile_duration,
             tokens_by_phase,
+            leak_reports,
             tokens,
         }
     }

@@ -352,6 +352,32 @@ pub struct ApiTokenStatus {
     /// Who created the ApiToken (from the admission request).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_by: Option<String>,
+    /// Tokens of this ApiToken reported leaked, oldest first (the last 16): each is rejected by
+    /// every verifier for good, whatever else the status says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub leaks: Vec<LeakRecord>,
+}
+
+/// The most leak records a status keeps: older ones name tokens long replaced.
+pub const MAX_LEAK_RECORDS: usize = 16;
+
+/// A token reported leaked: its hash and where it was found, never the token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeakRecord {
+    /// `sha256:<hex>` of the leaked token.
+    pub token_hash: String,
+    /// Display form of the leaked token, `<prefix>_<id>…<last 4>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display: Option<String>,
+    /// When the report was accepted.
+    pub reported_at: Time,
+    /// Who reported it: `github` (secret scanning) or the Kubernetes user who did.
+    pub reporter: String,
+    /// Where it was found (the report's `url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 fn renew_before_rule() -> Rule {

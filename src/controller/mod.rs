@@ -292,7 +292,7 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         current_name,
         noncompliance,
     };
-    apply(obj, ctx, obs, action).await
+    Box::pin(apply(obj, ctx, obs, action)).await
 }
 
 fn writes_secret(action: &Action) -> bool {
@@ -408,7 +408,10 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         }
         // A token that no longer complies keeps working until it expires, and is not rotated:
         // a successor would not comply either. At expiry it is denied (below).
-        Action::Rotate(reason) if noncompliance.is_some() && reason != plan::RotateReason::Expired => {
+        Action::Rotate(reason)
+            if noncompliance.is_some()
+                && !matches!(reason, plan::RotateReason::Expired | plan::RotateReason::Leaked) =>
+        {
             let new_status = status_of(&current);
             if new_status != status {
                 write_status(&ctx.metrics, &tokens, obj, new_status).await?;
@@ -445,9 +448,25 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 return secret_write_failed(&updated, ctx, &tokens, &desired, Some(revert), e).await;
             }
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
-            let (reason, note) = match action {
-                Action::Issue => ("Issued", format!("issued {} into Secret {wanted_name}", minted.display)),
+            let (type_, reason, note) = match action {
+                Action::Issue => (
+                    EventType::Normal,
+                    "Issued",
+                    format!("issued {} into Secret {wanted_name}", minted.display),
+                ),
+                // Nobody asked for this one: a Warning, saying where the old token was found.
+                Action::Rotate(plan::RotateReason::Leaked) => (
+                    EventType::Warning,
+                    status::COMPROMISED,
+                    format!(
+                        "{} was reported leaked{}; rotated to {} at once, the leaked token is rejected (no grace period)",
+                        current.display.as_deref().unwrap_or("the token"),
+                        leak_origin(&status, current.token_hash.as_deref()),
+                        minted.display
+                    ),
+                ),
                 Action::Rotate(r) => (
+                    EventType::Normal,
                     "Rotated",
                     format!(
                         "rotated to {} ({}); the previous token stays valid until {}",
@@ -457,12 +476,13 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                     ),
                 ),
                 _ => (
+                    EventType::Normal,
                     "Recovered",
                     format!("the Secret did not hold the current token; issued {}", minted.display),
                 ),
             };
             info!(reason, token = %minted.display, "token written");
-            publish(ctx, obj, EventType::Normal, reason, note).await;
+            publish(ctx, obj, type_, reason, note).await;
             Ok(Step::Continue(Box::new(updated)))
         }
         Action::UpdateMetadata => {
@@ -494,14 +514,37 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
             let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
-            publish(
-                ctx,
-                obj,
-                EventType::Normal,
-                "PreviousRetired",
-                "the previous token's grace period ended; it is no longer valid".into(),
-            )
-            .await;
+            if current.previous_leaked() {
+                let note = format!(
+                    "the previous token was reported leaked{}; it is rejected at once (its grace period is cut short); the current token {} is not affected",
+                    leak_origin(&status, current.previous_token_hash.as_deref()),
+                    current.display.as_deref().unwrap_or_default()
+                );
+                publish(ctx, obj, EventType::Warning, status::COMPROMISED, note).await;
+            } else {
+                publish(
+                    ctx,
+                    obj,
+                    EventType::Normal,
+                    "PreviousRetired",
+                    "the previous token's grace period ended; it is no longer valid".into(),
+                )
+                .await;
+            }
+            Ok(Step::Continue(Box::new(updated)))
+        }
+        Action::Withdraw => {
+            let next = plan::next_state(&action, &desired, &current, state, now, None);
+            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
+            for n in [&current_name, &wanted_name] {
+                delete_secret(&secrets, n).await?;
+            }
+            let note = format!(
+                "{} was reported leaked{}; it is rejected and its Secret removed. Rotation is disabled, so no new token was issued: change rotation.trigger or set the apitoken.dev/rotate annotation",
+                current.display.as_deref().unwrap_or("the token"),
+                leak_origin(&status, current.token_hash.as_deref())
+            );
+            publish(ctx, obj, EventType::Warning, status::COMPROMISED, note).await;
             Ok(Step::Continue(Box::new(updated)))
         }
         Action::Expire | Action::Revoke => {
@@ -544,7 +587,8 @@ fn build_status(
     noncompliance: Option<&str>,
 ) -> ApiTokenStatus {
     let mut s = status::from_current(old, next);
-    let want = status::conditions(Some(d), next, now, None, noncompliance);
+    let mut want = status::conditions(Some(d), next, now, None, noncompliance);
+    want.extend(status::compromised(&old.leaks));
     s.created_by = obj.annotations().get(CREATED_BY_ANNOTATION).cloned();
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
@@ -566,7 +610,8 @@ async fn fail(
 ) -> Result<(), Error> {
     let now = Timestamp::now();
     let mut s = status::from_current(old, state);
-    let want = status::conditions(d, state, now, Some((reason, message.clone())), None);
+    let mut want = status::conditions(d, state, now, Some((reason, message.clone())), None);
+    want.extend(status::compromised(&old.leaks));
     s.created_by = obj.annotations().get(CREATED_BY_ANNOTATION).cloned();
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
@@ -636,6 +681,15 @@ async fn deny(
         }
     }
     Ok(())
+}
+
+/// " by REPORTER (found at URL)" for the leak record of `hash`.
+fn leak_origin(status: &ApiTokenStatus, hash: Option<&str>) -> String {
+    let Some(leak) = status.leaks.iter().rev().find(|l| Some(l.token_hash.as_str()) == hash) else {
+        return String::new();
+    };
+    let found = leak.url.as_deref().map(|u| format!(" (found at {u})")).unwrap_or_default();
+    format!(" by {}{found}", leak.reporter)
 }
 
 /// Replaces the status, on the condition that nobody changed the object since we read it.

@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::api::{ApiTokenStatus, Phase as ApiPhase};
+use crate::api::{ApiTokenStatus, LeakRecord, Phase as ApiPhase};
 use crate::core::lifetime::{Lifetime, format_duration};
 use crate::core::plan::{self, Current, Desired, Phase};
 
@@ -49,6 +49,7 @@ pub fn to_current(s: &ApiTokenStatus) -> Current {
         observed_trigger: s.observed_trigger.clone(),
         observed_rotate_annotation: s.observed_rotate_annotation.clone(),
         effective_scopes: s.effective_scopes.clone(),
+        leaked: s.leaks.iter().map(|l| l.token_hash.clone()).collect(),
     }
 }
 
@@ -115,6 +116,12 @@ pub fn conditions(
     let expires = c.expires_at.map_or_else(|| "never expires".to_string(), |e| format!("expires at {e}"));
     let ready = match (failure, c.phase) {
         (Some((reason, message)), _) => Want { type_: "Ready", ok: false, reason, message },
+        (None, Phase::Failed) if c.current_leaked() => Want {
+            type_: "Ready",
+            ok: false,
+            reason: COMPROMISED,
+            message: format!("{display} was reported leaked and is rejected; rotation is disabled, so no new token was issued: change rotation.trigger or set the apitoken.dev/rotate annotation to issue one"),
+        },
         (None, Phase::Active) => Want {
             type_: "Ready",
             ok: true,
@@ -196,6 +203,31 @@ pub fn conditions(
         },
     };
     vec![ready, issued, compliant, expiry, safe_grace_period(d)]
+}
+
+/// Reason and condition type for a leaked token.
+pub const COMPROMISED: &str = "Compromised";
+
+/// `Compromised=True` once a token of this ApiToken was reported leaked (absent before): the
+/// one condition whose True means "look at it". Says which token, where it was found and by
+/// whom; never the token.
+pub fn compromised(leaks: &[LeakRecord]) -> Option<Want> {
+    let last = leaks.last()?;
+    let display = last.display.as_deref().unwrap_or("a token");
+    let found = last.url.as_deref().map(|u| format!(" (found at {u})")).unwrap_or_default();
+    let earlier = match leaks.len() - 1 {
+        0 => String::new(),
+        n => format!("; {n} earlier leak(s) recorded in status.leaks"),
+    };
+    Some(Want {
+        type_: COMPROMISED,
+        ok: true,
+        reason: "LeakReported",
+        message: format!(
+            "{display} was reported leaked by {} at {}{found}; every verifier rejects it for good{earlier}",
+            last.reporter, last.reported_at.0
+        ),
+    })
 }
 
 /// SafeGracePeriod: does the overlap outlast a kubelet's refresh of a mounted Secret?

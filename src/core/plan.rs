@@ -52,6 +52,24 @@ pub struct Current {
     pub observed_trigger: Option<String>,
     pub observed_rotate_annotation: Option<String>,
     pub effective_scopes: Vec<String>,
+    /// Hashes reported leaked: never valid again, and no grace period for them.
+    pub leaked: Vec<String>,
+}
+
+impl Current {
+    fn is_leaked(&self, hash: Option<&String>) -> bool {
+        hash.is_some_and(|h| self.leaked.contains(h))
+    }
+
+    /// The current token was reported leaked.
+    pub fn current_leaked(&self) -> bool {
+        self.is_leaked(self.token_hash.as_ref())
+    }
+
+    /// The previous token (in its grace period) was reported leaked.
+    pub fn previous_leaked(&self) -> bool {
+        self.is_leaked(self.previous_token_hash.as_ref())
+    }
 }
 
 /// What the target Secret holds, compared with the status.
@@ -80,6 +98,8 @@ pub enum RotateReason {
     Annotation,
     /// Past expiry with rotation on (the operator was down at `renewAt`).
     Expired,
+    /// The current token was reported leaked.
+    Leaked,
 }
 
 impl RotateReason {
@@ -89,6 +109,7 @@ impl RotateReason {
             RotateReason::Trigger => "Trigger",
             RotateReason::Annotation => "Annotation",
             RotateReason::Expired => "Expired",
+            RotateReason::Leaked => "Leaked",
         }
     }
 }
@@ -109,6 +130,9 @@ pub enum Action {
     Expire,
     /// `spec.revoked`: mark Revoked and remove the Secret.
     Revoke,
+    /// The current token was reported leaked and rotation is off: mark Failed and remove the
+    /// Secret (verifiers already reject the token).
+    Withdraw,
     /// Same token; bring status timestamps, scopes and the Secret's other keys up to date.
     UpdateMetadata,
     /// Nothing to do until `until` (or until something changes).
@@ -163,6 +187,20 @@ pub fn plan(d: &Desired, c: &Current, secret: SecretState, now: Timestamp) -> Ac
         return Action::Issue;
     }
     let asked_to_rotate = trigger_changed(d, c) || annotation_changed(d, c);
+    // 2a. A leaked token gets no grace period: the current one is replaced at once (withdrawn
+    //    when rotation is off and nobody asks for a new one), a leaked previous one retired.
+    if c.current_leaked() && c.phase != Phase::Expired {
+        return if d.rotation_enabled || asked_to_rotate {
+            Action::Rotate(RotateReason::Leaked)
+        } else if c.phase == Phase::Failed && secret == SecretState::Missing {
+            Action::Wait { until: None }
+        } else {
+            Action::Withdraw
+        };
+    }
+    if c.previous_leaked() {
+        return Action::RetirePrevious;
+    }
     // 3. Expired stays expired unless rotation is on again or someone asks for a new token.
     if c.phase == Phase::Expired {
         return if asked_to_rotate || d.rotation_enabled {
@@ -254,7 +292,7 @@ pub fn next_state(
                     if secret == SecretState::Previous {
                         // The current token was staged but never reached the Secret: consumers
                         // still hold the previous one, so it keeps its overlap.
-                    } else if *reason == RotateReason::Expired || until <= now {
+                    } else if matches!(reason, RotateReason::Expired | RotateReason::Leaked) || until <= now {
                         n.previous_token_hash = None;
                         n.previous_valid_until = None;
                     } else {
@@ -291,6 +329,7 @@ pub fn next_state(
             n.previous_valid_until = None;
         }
         Action::Expire => n.phase = Phase::Expired,
+        Action::Withdraw => n.phase = Phase::Failed,
         Action::Revoke => {
             n.phase = Phase::Revoked;
             n.previous_token_hash = None;
@@ -313,11 +352,11 @@ fn set_timeline(n: &mut Current, d: &Desired, issued_at: Timestamp) {
     n.effective_scopes.clone_from(&d.scopes);
 }
 
-/// The Secret after `action`: removed by Expire and Revoke, (re)written by Issue, Rotate,
+/// The Secret after `action`: removed by Expire, Revoke and Withdraw, (re)written by Issue, Rotate,
 /// Recover and UpdateMetadata, untouched otherwise.
 pub fn next_secret(action: &Action, secret: SecretState) -> SecretState {
     match action {
-        Action::Expire | Action::Revoke => SecretState::Missing,
+        Action::Expire | Action::Revoke | Action::Withdraw => SecretState::Missing,
         Action::Issue | Action::Rotate(_) | Action::Recover | Action::UpdateMetadata => {
             SecretState::Current { in_sync: true }
         }
@@ -390,6 +429,52 @@ mod tests {
         assert_eq!(settle(&d, &mut c, &mut s, t(15), &mut n), vec![Action::RetirePrevious]);
         assert_eq!(c.previous_token_hash, None);
         assert_eq!(plan(&d, &c, s, t(16)), Action::Wait { until: Some(t(20)) });
+    }
+
+    #[test]
+    fn a_leaked_token_is_replaced_at_once_without_grace_and_never_comes_back() {
+        let d = desired(3600, None, 60);
+        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
+        settle(&d, &mut c, &mut s, t(0), &mut n);
+        c.leaked.push("sha256:1".into());
+        assert_eq!(settle(&d, &mut c, &mut s, t(5), &mut n), vec![Action::Rotate(RotateReason::Leaked)]);
+        assert_eq!(c.token_hash.as_deref(), Some("sha256:2"));
+        assert_eq!((c.previous_token_hash.as_deref(), c.rotation_count), (None, 1), "no grace for a leak");
+        assert_eq!(plan(&d, &c, s, t(6)), Action::Wait { until: Some(t(2405)) });
+        // A scheduled rotation later gives the (unleaked) outgoing token its grace period.
+        assert_eq!(
+            settle(&d, &mut c, &mut s, t(2405), &mut n),
+            vec![Action::Rotate(RotateReason::Scheduled)]
+        );
+        assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:2"));
+    }
+
+    #[test]
+    fn a_leaked_previous_token_is_retired_at_once_and_the_current_one_kept() {
+        let d = desired(30, Some(10), 5);
+        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
+        settle(&d, &mut c, &mut s, t(0), &mut n);
+        settle(&d, &mut c, &mut s, t(20), &mut n);
+        assert_eq!(c.previous_token_hash.as_deref(), Some("sha256:1"));
+        c.leaked.push("sha256:1".into());
+        assert_eq!(settle(&d, &mut c, &mut s, t(21), &mut n), vec![Action::RetirePrevious]);
+        assert_eq!((c.previous_token_hash.as_deref(), c.token_hash.as_deref()), (None, Some("sha256:2")));
+    }
+
+    #[test]
+    fn with_rotation_off_a_leaked_token_is_withdrawn_until_someone_asks_for_a_new_one() {
+        let mut d = desired(3600, None, 60);
+        d.rotation_enabled = false;
+        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
+        settle(&d, &mut c, &mut s, t(0), &mut n);
+        c.leaked.push("sha256:1".into());
+        assert_eq!(settle(&d, &mut c, &mut s, t(1), &mut n), vec![Action::Withdraw]);
+        assert_eq!((c.phase, s), (Phase::Failed, SecretState::Missing));
+        assert_eq!(plan(&d, &c, s, t(100)), Action::Wait { until: None });
+        d.trigger = Some("after-the-leak".into());
+        assert_eq!(settle(&d, &mut c, &mut s, t(101), &mut n), vec![Action::Rotate(RotateReason::Leaked)]);
+        assert_eq!((c.phase, c.previous_token_hash.as_deref()), (Phase::Active, None));
+        assert!(c.token_hash.is_some() && !c.current_leaked(), "a new token");
     }
 
     #[test]

@@ -102,6 +102,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 sweeper.sweep();
             }
         });
+        let github_keys = match &args.leak_keys_file {
+            Some(path) => {
+                let keys = Arc::new(verify::leak_report::KeysFile::load(path)?);
+                background.spawn(keys.clone().keep_current(Duration::from_secs(10)));
+                Some(keys)
+            }
+            None => None,
+        };
+        app = app.merge(verify::leaks::router(verify::leaks::LeakState {
+            index: index.clone(),
+            client: client.clone(),
+            github_keys,
+            limiter: limiter.clone(),
+            metrics: metrics.clone(),
+        }));
         app = app.merge(verify::http::router(AppState {
             index: index.clone(),
             metrics: metrics.clone(),

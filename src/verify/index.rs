@@ -153,12 +153,15 @@ pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
         at.spec.revoked || status.phase == Some(Phase::Revoked),
     ));
     let mut out = Vec::with_capacity(2);
-    if let Some(d) = status.token_hash.as_deref().and_then(parse_digest) {
+    // A hash reported leaked is never valid again, whatever else the status says.
+    let leaked = |h: &str| status.leaks.iter().any(|l| l.token_hash == h);
+    let usable = |h: Option<&str>| h.filter(|h| !leaked(h)).and_then(parse_digest);
+    if let Some(d) = usable(status.token_hash.as_deref()) {
         let valid_until = status.expires_at.as_ref().map(|t| t.0);
         out.push((d, Entry { meta: meta.clone(), valid_until, previous: false }));
     }
     if let (Some(d), Some(until)) =
-        (status.previous_token_hash.as_deref().and_then(parse_digest), status.previous_valid_until.as_ref())
+        (usable(status.previous_token_hash.as_deref()), status.previous_valid_until.as_ref())
     {
         out.push((d, Entry { meta, valid_until: Some(until.0), previous: true }));
     }
@@ -186,6 +189,9 @@ struct Inner {
     /// namespace/name → its hashes and the list generation that last saw it.
     by_object: HashMap<(String, String), (Vec<Digest>, u64)>,
     generation: u64,
+    /// Hashes this process saw reported leaked: kept out even if an older version of the
+    /// object (one from before the leak was recorded) arrives from the watch afterwards.
+    leaked: std::collections::HashSet<Digest>,
 }
 
 /// The shared index. Cheap to clone.
@@ -239,9 +245,17 @@ impl Index {
                 inner.by_hash.remove(&d);
             }
         }
+        let entries: Vec<_> = entries.into_iter().filter(|(d, _)| !inner.leaked.contains(d)).collect();
         let digests = entries.iter().map(|(d, _)| *d).collect();
         inner.by_hash.extend(entries);
         inner.by_object.insert(key, (digests, generation));
+    }
+
+    /// Rejects `digest` from now on (a leak report was recorded for it).
+    pub fn reject_leaked(&self, digest: Digest) {
+        let mut inner = self.inner.write().expect("index lock");
+        inner.leaked.insert(digest);
+        inner.by_hash.remove(&digest);
     }
 
     pub fn remove(&self, at: &ApiToken) {
@@ -357,6 +371,36 @@ mod tests {
         index.finish_list();
         assert_eq!(index.len(), 1);
         assert!(index.is_ready());
+    }
+
+    #[test]
+    fn a_leaked_hash_is_never_served_again() {
+        let index = Index::default();
+        let mut at = token("a", &h(2), Some(&h(1)));
+        index.upsert(&at);
+        assert_eq!(index.len(), 2);
+        // Recorded in the status: the previous (in its grace period) is out, the current stays.
+        let leak = |hash: String| crate::api::LeakRecord {
+            token_hash: hash,
+            display: None,
+            reported_at: Time(Timestamp::from_second(10).unwrap()),
+            reporter: "github".into(),
+            url: None,
+        };
+        at.status.as_mut().unwrap().leaks.push(leak(h(1)));
+        index.upsert(&at);
+        assert!(index.get(&parse_digest(&h(1)).unwrap()).is_none());
+        assert!(index.get(&parse_digest(&h(2)).unwrap()).is_some());
+        // Rejected locally at once: an older version of the object from the watch (from before
+        // the record) does not bring it back, nor does a re-list.
+        index.reject_leaked(parse_digest(&h(2)).unwrap());
+        assert!(index.is_empty());
+        index.upsert(&token("a", &h(2), Some(&h(1))));
+        assert!(index.get(&parse_digest(&h(2)).unwrap()).is_none());
+        index.start_list();
+        index.upsert(&token("a", &h(2), None));
+        index.finish_list();
+        assert!(index.is_empty());
     }
 
     #[test]

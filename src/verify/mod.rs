@@ -6,6 +6,7 @@ pub mod http;
 pub mod index;
 pub mod last_used;
 pub mod leak_report;
+pub mod leaks;
 pub mod limiter;
 pub mod tls;
 
