@@ -407,3 +407,114 @@ async fn with_rotation_off_a_leaked_token_is_withdrawn_until_someone_asks_for_a_
     let _ = std::fs::remove_dir_all(&dir);
     ns.cleanup().await;
 }
+
+/// `kubectl apitoken -n NS ARGS` as kubectl finds the plugin on PATH, with `stdin`.
+fn kubectl_apitoken(ns: &str, args: &[&str], stdin: &str) -> support::Out {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_kubectl-apitoken")).parent().unwrap();
+    let mut cmd = kubectl();
+    cmd.env("PATH", format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default()));
+    cmd.args(["apitoken", "-n", ns]).args(args);
+    run(cmd, Some(stdin))
+}
+
+#[tokio::test]
+#[allow(clippy::too_many_lines)] // one scenario: who may report, through curl and the plugin
+async fn in_cluster_reporters_need_rbac_on_leaks_and_the_plugin_reads_tokens_from_stdin() {
+    let Setup { ns, op: _op, base, tokens, secrets, key: _, dir } = setup("leaks-k8s").await;
+    // A scanner allowed to report, and a ServiceAccount that is not.
+    let apply_yaml = |yaml: String| {
+        let mut cmd = kubectl();
+        cmd.args(["apply", "-f", "-"]);
+        ok(run(cmd, Some(&yaml)), "kubectl apply");
+    };
+    apply_yaml(format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: scanner, namespace: {n}}}\n---\n\
+         apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: nobody, namespace: {n}}}\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {n}-leak-reporter}}\n\
+         rules: [{{apiGroups: [apitoken.dev], resources: [leaks], verbs: [create]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {n}-scanner}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {n}-leak-reporter}}\n\
+         subjects: [{{kind: ServiceAccount, name: scanner, namespace: {n}}}]\n",
+        n = ns.name
+    ));
+    let sa_token = |name: &str| {
+        let mut cmd = kubectl();
+        cmd.args(["-n", &ns.name, "create", "token", name, "--duration", "10m"]);
+        ok(run(cmd, None), "kubectl create token").trim().to_string()
+    };
+    apply(&tokens, "victim", json!({"scopes": ["metrics:read"]})).await;
+    let victim = issued_token(&tokens, &secrets, "victim", None).await;
+    let body = report_body(&victim, "ci job 42");
+    let post = |bearer: Option<String>| {
+        let mut args = vec![
+            "-X".to_string(),
+            "POST".into(),
+            format!("{base}/v1/leaks"),
+            "--data-binary".into(),
+            body.clone(),
+        ];
+        if let Some(b) = bearer {
+            args.extend(["-H".into(), format!("Authorization: Bearer {b}")]);
+        }
+        curl(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    // Not authenticated, not authorized: nothing changes.
+    let r = post(None);
+    assert_eq!((r.code, r.body["error"].as_str()), (401, Some("unauthenticated")), "{}", r.raw);
+    let r = post(Some("not-a-kubernetes-token".into()));
+    assert_eq!(r.code, 401, "{}", r.raw);
+    let r = post(Some(sa_token("nobody")));
+    assert_eq!((r.code, r.body["error"].as_str()), (403, Some("forbidden")), "{}", r.raw);
+    assert!(r.raw.contains("leaks.apitoken.dev"), "{}", r.raw);
+    let out = kubectl_apitoken(
+        &ns.name,
+        &["report-leak", "--server", &base, "--as-service-account", &format!("{}/nobody", ns.name)],
+        &format!("{victim}\n"),
+    );
+    assert!(!out.ok && out.stderr.contains("leaks.apitoken.dev"), "{}\n{}", out.stdout, out.stderr);
+    assert_eq!(answers(&base, &victim), ACCEPTED, "refused reports change nothing");
+
+    // The plugin, as the scanner: tokens from stdin (one real, one typo), never in argv.
+    let mut typo = victim.clone().into_bytes();
+    typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
+    let typo = String::from_utf8(typo).unwrap();
+    let out = kubectl_apitoken(
+        &ns.name,
+        &[
+            "report-leak",
+            "--server",
+            &base,
+            "--as-service-account",
+            &format!("{}/scanner", ns.name),
+            "--url",
+            "ci job 42",
+        ],
+        &format!("{victim}\n\n{typo}\n"),
+    );
+    assert!(out.ok, "{}\n{}", out.stdout, out.stderr);
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    assert!(lines[0].starts_with("true_positive\tapitok_") && lines[0].contains('…'), "{}", out.stdout);
+    assert!(lines[1].starts_with("false_positive\t"), "{}", out.stdout);
+    assert!(!out.stdout.contains(&victim) && !out.stderr.contains(&victim), "no token printed");
+    assert_eq!(answers(&base, &victim), REJECTED);
+    let fresh = issued_token(&tokens, &secrets, "victim", Some(&victim)).await;
+    assert_eq!(answers(&base, &fresh), ACCEPTED);
+    let status = tokens.get("victim").await.unwrap().status.unwrap();
+    assert_eq!(status.leaks[0].reporter, format!("system:serviceaccount:{}:scanner", ns.name));
+    assert_eq!(status.leaks[0].url.as_deref(), Some("ci job 42"));
+
+    // The same with curl and the scanner's own token: already dead, false_positive.
+    let r = post(Some(sa_token("scanner")));
+    assert_eq!((r.code, r.body[0]["label"].as_str()), (200, Some("false_positive")), "{}", r.raw);
+    let mut cmd = kubectl();
+    cmd.args(["delete", "clusterrole", &format!("{}-leak-reporter", ns.name)]);
+    cmd.args(["--ignore-not-found"]);
+    let _ = run(cmd, None);
+    let mut cmd = kubectl();
+    cmd.args(["delete", "clusterrolebinding", &format!("{}-scanner", ns.name), "--ignore-not-found"]);
+    let _ = run(cmd, None);
+    let _ = std::fs::remove_dir_all(&dir);
+    ns.cleanup().await;
+}

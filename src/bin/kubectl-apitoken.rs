@@ -8,6 +8,7 @@
 //!   kubectl apitoken regenerate NAME
 //!   kubectl apitoken reveal NAME
 //!   kubectl apitoken delete NAME
+//!   ... | kubectl apitoken report-leak --server URL [--url WHERE] [--as-service-account NS/NAME]
 //!
 //! A token's plaintext goes to stdout only, and only from `create`, `regenerate` and `reveal`;
 //! everything else a person reads goes to stderr.
@@ -194,6 +195,31 @@ enum Cmd {
         #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Report leaked tokens, read from stdin one per line (never from the command line): each
+    /// one the operator issued and that still works is rejected at once and replaced. Prints
+    /// true_positive or false_positive per token (its display form, never the token).
+    /// Needs RBAC `create` on `leaks.apitoken.dev`.
+    ReportLeak {
+        /// The verification service: its Service URL in the cluster, an Ingress, or a
+        /// port-forward (https://localhost:8443).
+        #[arg(long, env = "APITOKEN_SERVER", value_name = "URL")]
+        server: String,
+        /// The CA that signed the service's certificate (ca.crt of the `<release>-ca` ConfigMap).
+        #[arg(long, value_name = "PATH")]
+        certificate_authority: Option<PathBuf>,
+        /// The name the service's certificate is checked against (through a port-forward: the
+        /// Service's DNS name, e.g. apitoken-operator.apitoken-system.svc).
+        #[arg(long, value_name = "NAME")]
+        tls_server_name: Option<String>,
+        /// Where the tokens were found (recorded with the leak). Never put a token in it.
+        #[arg(long, value_name = "WHERE")]
+        url: Option<String>,
+        /// Report as this ServiceAccount (NAMESPACE/NAME): a 10-minute token is requested for it
+        /// with your credentials, as `kubectl create token` does. Default: your kubeconfig
+        /// user's bearer token (a token, token file or exec plugin such as OIDC).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        as_service_account: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -305,6 +331,8 @@ fn api_error(e: kube::Error, what: &str) -> Failure {
 struct Ctx {
     ns: String,
     client: Client,
+    /// The kubeconfig's user, for `report-leak`'s bearer token.
+    auth_info: kube::config::AuthInfo,
     tokens: Api<ApiToken>,
     secrets: Api<Secret>,
     events: Api<Event>,
@@ -349,6 +377,7 @@ async fn connect(cli: &Cli) -> Res<Ctx> {
     };
     let ns = cli.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
     let _ = SERVER.set(config.cluster_url.to_string());
+    let auth_info = config.auth_info.clone();
     let client = Client::try_from(config)
         .map_err(|e| Failure::Other(format!("cannot build a Kubernetes client: {e}")))?;
     Ok(Ctx {
@@ -356,6 +385,7 @@ async fn connect(cli: &Cli) -> Res<Ctx> {
         secrets: Api::namespaced(client.clone(), &ns),
         events: Api::namespaced(client.clone(), &ns),
         client,
+        auth_info,
         ns,
     })
 }
@@ -391,6 +421,153 @@ async fn run(cli: Cli) -> Res<()> {
         Cmd::Regenerate { name, timeout } => regenerate(&ctx, &name, timeout).await,
         Cmd::Reveal { name } => reveal(&ctx, &name).await,
         Cmd::Delete { name, timeout } => delete(&ctx, &name, timeout).await,
+        Cmd::ReportLeak { server, certificate_authority, tls_server_name, url, as_service_account } => {
+            let to = Reporter { server, certificate_authority, tls_server_name, as_service_account };
+            report_leak(&ctx, &to, url.as_deref()).await
+        }
+    }
+}
+
+/// Where and as whom `report-leak` reports.
+struct Reporter {
+    server: String,
+    certificate_authority: Option<PathBuf>,
+    tls_server_name: Option<String>,
+    as_service_account: Option<String>,
+}
+
+/// Tokens per request (the endpoint takes at most 100 entries).
+const REPORT_BATCH: usize = 100;
+
+async fn report_leak(ctx: &Ctx, to: &Reporter, url: Option<&str>) -> Res<()> {
+    use std::io::Read as _;
+    let mut input = zeroize::Zeroizing::new(String::new());
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| Failure::Other(format!("reading tokens from stdin failed: {e}")))?;
+    let tokens: Vec<&str> = input.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    if tokens.is_empty() {
+        return Err(Failure::Other(
+            "no tokens on stdin: pipe them in, one per line (e.g. from a secret scanner's report)".into(),
+        ));
+    }
+    let client = reporter_client(ctx, to).await?;
+    let (mut killed, mut other) = (0, 0);
+    for batch in tokens.chunks(REPORT_BATCH) {
+        let body: Vec<serde_json::Value> = batch
+            .iter()
+            .map(|t| json!({"token": t, "type": "apitoken_operator_token", "url": url, "source": "kubectl-apitoken"}))
+            .collect();
+        let feedback =
+            post_report(&client, &to.server, serde_json::to_vec(&body).unwrap_or_default()).await?;
+        for (t, entry) in batch.iter().zip(&feedback) {
+            let label = entry["label"].as_str().unwrap_or("unknown");
+            let shown = if token::parse(t).is_ok() {
+                token::display(&token::plaintext_from_stored(t))
+            } else {
+                "(not a well-formed token)".into()
+            };
+            if label == "true_positive" {
+                killed += 1;
+            } else {
+                other += 1;
+            }
+            out(&format!("{label}\t{shown}\n"))?;
+        }
+    }
+    note(&format!(
+        "{killed} token(s) rejected from now on and replaced; {other} not a live token of this operator (already dead, unknown, or malformed)"
+    ));
+    Ok(())
+}
+
+/// A client for the verification service with the reporter's bearer token.
+async fn reporter_client(ctx: &Ctx, to: &Reporter) -> Res<Client> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let uri: axum::http::Uri =
+        to.server.parse().map_err(|e| Failure::Other(format!("--server {}: not a URL: {e}", to.server)))?;
+    let mut config = Config::new(uri);
+    config.auth_info = match &to.as_service_account {
+        Some(sa) => {
+            let token = service_account_token(ctx, sa).await?;
+            serde_json::from_value(json!({"token": token}))
+                .map_err(|e| Failure::Other(format!("building credentials failed: {e}")))?
+        }
+        None => ctx.auth_info.clone(),
+    };
+    if let Some(path) = &to.certificate_authority {
+        let pem = std::fs::read(path)
+            .map_err(|e| Failure::Other(format!("--certificate-authority {}: {e}", path.display())))?;
+        let certs: Vec<Vec<u8>> = tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+            .filter_map(Result::ok)
+            .map(|c| c.to_vec())
+            .collect();
+        if certs.is_empty() {
+            return Err(Failure::Other(format!(
+                "--certificate-authority {}: no PEM certificate in it",
+                path.display()
+            )));
+        }
+        config.root_cert = Some(certs);
+    }
+    config.tls_server_name.clone_from(&to.tls_server_name);
+    config.default_retry = false;
+    Client::try_from(config)
+        .map_err(|e| Failure::Other(format!("cannot build a client for {}: {e}", to.server)))
+}
+
+/// A 10-minute token for ServiceAccount `NAMESPACE/NAME` (TokenRequest, as `kubectl create token`).
+async fn service_account_token(ctx: &Ctx, sa: &str) -> Res<String> {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let Some((ns, name)) = sa.split_once('/') else {
+        return Err(Failure::Other(format!("--as-service-account {sa}: write it as NAMESPACE/NAME")));
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(600), ..TokenRequestSpec::default() },
+        ..TokenRequest::default()
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), ns);
+    let issued: TokenRequest = api
+        .create_subresource("token", name, &PostParams::default(), &request)
+        .await
+        .map_err(|e| api_error(e, &format!("ServiceAccount {sa}")))?;
+    issued
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| Failure::Other(format!("no token issued for ServiceAccount {sa}")))
+}
+
+/// POSTs one report to `/v1/leaks`; the feedback array, or why it was refused.
+async fn post_report(client: &Client, server: &str, body: Vec<u8>) -> Res<Vec<serde_json::Value>> {
+    use http_body_util::BodyExt as _;
+    let req = axum::http::Request::post("/v1/leaks")
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(kube::client::Body::from(body))
+        .map_err(|e| Failure::Other(format!("building the request failed: {e}")))?;
+    let resp = client.send(req).await.map_err(|e| {
+        Failure::Other(format!(
+            "reaching the verification service at {server} failed: {e}; is --server right?"
+        ))
+    })?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| Failure::Other(format!("reading the answer from {server} failed: {e}")))?
+        .to_bytes();
+    let answer: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let why = answer["message"].as_str().unwrap_or("no reason given").to_string();
+    match status.as_u16() {
+        200 => Ok(answer.as_array().cloned().unwrap_or_default()),
+        401 => Err(Failure::Refused(format!(
+            "the verification service did not accept the credentials: {why}. Use a kubeconfig user with a bearer token, or --as-service-account NAMESPACE/NAME"
+        ))),
+        403 | 400 | 413 | 429 => {
+            Err(Failure::Refused(format!("the verification service refused the report: {why}")))
+        }
+        code => Err(Failure::Other(format!("the verification service answered HTTP {code}: {why}"))),
     }
 }
 

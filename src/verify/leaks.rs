@@ -1,6 +1,10 @@
 //! Leak reports (design §7, issue 13): a token found where it should not be is killed at once.
 //!
-//! [`GITHUB_PATH`] takes GitHub's secret scanning partner alerts (signed, see [`leak_report`]).
+//! [`GITHUB_PATH`] takes GitHub's secret scanning partner alerts (signed, see [`leak_report`]);
+//! [`KUBERNETES_PATH`] the same report from anyone Kubernetes authenticates (a bearer token
+//! checked with a TokenReview) and authorizes to `create` the virtual resource
+//! `leaks.apitoken.dev` (a SubjectAccessReview): an in-house scanner, a CI job,
+//! `kubectl apitoken report-leak`.
 //! Each reported token that the index holds as usable (current, or previous in its grace
 //! period) is first recorded in its ApiToken's `status.leaks` — the record every replica's index
 //! and the controller act on, which survives restarts — and then rejected by this replica's
@@ -20,8 +24,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use jiff::Timestamp;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
@@ -41,6 +47,11 @@ use crate::metrics::{LeakLabels, Metrics};
 pub const GITHUB_PATH: &str = "/v1/leaks/github";
 /// Who a GitHub report is recorded as.
 pub const GITHUB_REPORTER: &str = "github";
+/// Reports from Kubernetes users and ServiceAccounts.
+pub const KUBERNETES_PATH: &str = "/v1/leaks";
+/// The virtual resource a reporter must be allowed to `create` (RBAC).
+pub const LEAKS_GROUP: &str = "apitoken.dev";
+pub const LEAKS_RESOURCE: &str = "leaks";
 /// The field manager of the leak records.
 const MANAGER: &str = "apitoken-operator-leaks";
 /// Attempts at recording a leak when the ApiToken changes meanwhile (409).
@@ -68,6 +79,7 @@ impl LeakState {
 pub fn router(state: LeakState) -> Router {
     Router::new()
         .route(GITHUB_PATH, post(github))
+        .route(KUBERNETES_PATH, post(kubernetes))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, BODY_TIMEOUT))
         .with_state(state)
@@ -91,16 +103,8 @@ async fn github(
     body: Bytes,
 ) -> Response {
     let client = s.limiter.client(peer.ip(), &headers);
-    if let Some(wait) = s.limiter.blocked(&client) {
-        s.count(GITHUB_REPORTER, "rate_limited");
-        let mut resp = problem(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many refused reports from this client; retry later",
-        );
-        let secs = wait.as_secs().max(1);
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        return resp;
+    if let Some(refused) = rate_limited(&s, &client, GITHUB_REPORTER) {
+        return refused;
     }
     let Some(keys) = &s.github_keys else {
         return problem(
@@ -134,26 +138,138 @@ async fn github(
             return problem(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string());
         }
     };
-    answer(&s, &report, GITHUB_REPORTER).await
+    answer(&s, &report, GITHUB_REPORTER, GITHUB_REPORTER).await
+}
+
+/// 429 with Retry-After for a client over its failure quota (refused reports count as failed
+/// verifications do).
+fn rate_limited(
+    s: &LeakState,
+    client: &super::limiter::ClientKey,
+    reporter: &'static str,
+) -> Option<Response> {
+    let wait = s.limiter.blocked(client)?;
+    s.count(reporter, "rate_limited");
+    let mut resp = problem(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many refused reports from this client; retry later",
+    );
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+    Some(resp)
+}
+
+/// Metric label of reports from Kubernetes users.
+const KUBERNETES_REPORTER: &str = "kubernetes";
+
+async fn kubernetes(
+    State(s): State<LeakState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let client = s.limiter.client(peer.ip(), &headers);
+    if let Some(refused) = rate_limited(&s, &client, KUBERNETES_REPORTER) {
+        return refused;
+    }
+    let unauthenticated = |s: &LeakState| {
+        s.limiter.failed(&client);
+        s.count(KUBERNETES_REPORTER, "unauthorized");
+        problem(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "send a Kubernetes bearer token (e.g. a ServiceAccount token) in Authorization: Bearer",
+        )
+    };
+    let Some(bearer) = bearer(&headers) else { return unauthenticated(&s) };
+    let user = match reporter_identity(&s.client, bearer).await {
+        Ok(Some(user)) => user,
+        Ok(None) => return unauthenticated(&s),
+        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e),
+    };
+    match may_report(&s.client, &user).await {
+        Ok(true) => {}
+        Ok(false) => {
+            s.count(KUBERNETES_REPORTER, "forbidden");
+            let message = format!(
+                "{} may not report leaks: it needs RBAC permission to create {LEAKS_RESOURCE}.{LEAKS_GROUP}",
+                user.username.as_deref().unwrap_or("this user")
+            );
+            return problem(StatusCode::FORBIDDEN, "forbidden", &message);
+        }
+        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e),
+    }
+    let report = match leak_report::parse_report(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            s.count(KUBERNETES_REPORTER, "invalid");
+            return problem(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string());
+        }
+    };
+    let who = user.username.clone().unwrap_or_default();
+    answer(&s, &report, KUBERNETES_REPORTER, &who).await
+}
+
+/// The credentials after `Bearer ` (any case), if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    let credentials = credentials.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credentials.is_empty()).then_some(credentials)
+}
+
+/// Who `bearer` belongs to, as the API server's authenticators say (a TokenReview).
+async fn reporter_identity(client: &Client, bearer: &str) -> Result<Option<UserInfo>, kube::Error> {
+    let review = TokenReview {
+        spec: TokenReviewSpec { token: Some(bearer.to_string()), ..TokenReviewSpec::default() },
+        ..TokenReview::default()
+    };
+    let reviewed = Api::<TokenReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
+    Ok(reviewed.status.filter(|s| s.authenticated == Some(true)).and_then(|s| s.user))
+}
+
+/// May `user` create `leaks.apitoken.dev` (a SubjectAccessReview)?
+async fn may_report(client: &Client, user: &UserInfo) -> Result<bool, kube::Error> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            uid: user.uid.clone(),
+            extra: user.extra.clone(),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(LEAKS_GROUP.into()),
+                resource: Some(LEAKS_RESOURCE.into()),
+                verb: Some("create".into()),
+                ..ResourceAttributes::default()
+            }),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    };
+    let reviewed =
+        Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
+    Ok(reviewed.status.is_some_and(|s| s.allowed))
+}
+
+fn unavailable(s: &LeakState, reporter: &'static str, e: &kube::Error) -> Response {
+    s.count(reporter, "unavailable");
+    warn!(error = %e, "a leak report could not be handled");
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the Kubernetes API could not be reached to check or record the report; send it again",
+    )
 }
 
 /// Acts on a report that passed its reporter's check and answers with the feedback array.
-async fn answer(s: &LeakState, report: &[ReportedToken], reporter: &'static str) -> Response {
-    match act(s, report, reporter, Timestamp::now()).await {
+async fn answer(s: &LeakState, report: &[ReportedToken], reporter: &'static str, who: &str) -> Response {
+    match act(s, report, reporter, who, Timestamp::now()).await {
         Ok(feedback) => {
             let mut resp = (StatusCode::OK, leak_report::feedback_body(&feedback)).into_response();
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp
         }
-        Err(e) => {
-            s.count(reporter, "unavailable");
-            warn!(error = %e, "a leak report could not be recorded");
-            problem(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the report could not be recorded (the Kubernetes API did not accept the write); send it again",
-            )
-        }
+        Err(e) => unavailable(s, reporter, &e),
     }
 }
 
@@ -175,12 +291,13 @@ fn usable(index: &Index, r: &ReportedToken, now: Timestamp) -> Option<Usable> {
     live.then(|| Usable { digest, namespace: e.meta.namespace().into(), name: e.meta.name().into() })
 }
 
-/// Labels each reported token; a usable one is recorded as leaked and rejected here at once.
-/// A token reported twice in one report gets the same label both times.
+/// Labels each reported token; a usable one is recorded as leaked (by `who`) and rejected here
+/// at once. A token reported twice in one report gets the same label both times.
 async fn act(
     s: &LeakState,
     report: &[ReportedToken],
     reporter: &'static str,
+    who: &str,
     now: Timestamp,
 ) -> Result<Vec<Feedback>, kube::Error> {
     let mut labelled: HashMap<String, Label> = HashMap::new();
@@ -193,13 +310,13 @@ async fn act(
                 let label = match usable(&s.index, r, now) {
                     None => Label::FalsePositive,
                     Some(u) => {
-                        record(&s.client, &u, r, reporter, now).await?;
+                        record(&s.client, &u, r, who, now).await?;
                         s.index.reject_leaked(u.digest);
                         info!(
                             namespace = u.namespace,
                             name = u.name,
                             token = %token::display(&r.token),
-                            reporter,
+                            reporter = who,
                             "a token was reported leaked: rejected from now on"
                         );
                         Label::TruePositive
