@@ -208,6 +208,8 @@ fn every_documented_option_renders_and_passes_a_server_side_dry_run() {
             "terminationGracePeriodSeconds=60",
         ],
         &["priorityClassName=system-cluster-critical", "podAntiAffinity=none"],
+        &["leakReports.githubKeysConfigMap=github-secret-scanning-keys"],
+        &["leakReports.githubKeysConfigMap=gh-keys", "certManager.enabled=true"],
     ];
     for sets in options {
         let rendered = render(&ns.name, sets);
@@ -509,6 +511,22 @@ fn trusted_proxies_reach_the_operator() {
     assert!(a.contains(&"--trusted-proxies=10.1.0.0/16,192.168.1.7".to_string()), "{a:?}");
     let a = args(&objects(&render("ops", &[])));
     assert!(!a.iter().any(|x| x.starts_with("--trusted-proxies")), "none by default: {a:?}");
+}
+
+#[test]
+fn github_leak_keys_are_mounted_from_their_configmap_and_named_to_the_operator() {
+    let objs = objects(&render("ops", &["leakReports.githubKeysConfigMap=gh-keys", "certManager.enabled=true"]));
+    let a = args(&objs);
+    assert!(a.contains(&"--leak-keys-file=/etc/apitoken/github-keys/keys.json".to_string()), "{a:?}");
+    let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].to_string();
+    assert!(volumes.contains("\"gh-keys\"") && volumes.contains("\"tls\""), "{volumes}");
+    let mounts = pod["containers"][0]["volumeMounts"].to_string();
+    assert!(mounts.contains("/etc/apitoken/github-keys") && !mounts.contains("subPath"), "{mounts}");
+    let a = args(&objects(&render("ops", &[])));
+    assert!(!a.iter().any(|x| x.starts_with("--leak-keys-file")), "off by default: {a:?}");
+    let (ok, _, err) = helm(&["template", "r", CHART, "--set", "leakReports.githubKeysConfigMap=Not_A_Name"]);
+    assert!(!ok && err.contains("githubKeysConfigMap"), "{err}");
 }
 
 /// What docs/helm.md tells people to run: install, the CRD upgrade path, upgrade, uninstall,
