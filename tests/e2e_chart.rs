@@ -515,7 +515,8 @@ fn trusted_proxies_reach_the_operator() {
 
 #[test]
 fn github_leak_keys_are_mounted_from_their_configmap_and_named_to_the_operator() {
-    let objs = objects(&render("ops", &["leakReports.githubKeysConfigMap=gh-keys", "certManager.enabled=true"]));
+    let objs =
+        objects(&render("ops", &["leakReports.githubKeysConfigMap=gh-keys", "certManager.enabled=true"]));
     let a = args(&objs);
     assert!(a.contains(&"--leak-keys-file=/etc/apitoken/github-keys/keys.json".to_string()), "{a:?}");
     let pod = &of_kind(&objs, "Deployment")[0]["spec"]["template"]["spec"];

@@ -295,6 +295,28 @@ async fn a_signed_github_report_kills_the_token_at_once_and_a_new_one_takes_its_
         (settled.token_hash, settled.rotation_count, 1)
     );
 
+    // The metric (this process's counts).
+    let metrics = curl(&[&format!("{}/metrics", op.metrics_url)]).raw;
+    assert!(
+        metrics.contains("apitoken_leak_reports_total{reporter=\"github\",result=\"true_positive\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("apitoken_leak_reports_total{reporter=\"github\",result=\"unauthorized\"} 4"),
+        "{metrics}"
+    );
+    // The record survives a restart of the operator (it is in the status, not in memory).
+    let mut op = op;
+    op.kill();
+    op.restart();
+    let ready = format!("{}/readyz", op.metrics_url);
+    wait_for("the restarted verifier to be ready", T, || async {
+        (curl(&[&ready]).code == 200).then_some(())
+    })
+    .await;
+    assert_eq!(answers(&base, &leaked), REJECTED, "after a restart");
+    assert_eq!(answers(&base, &fresh), ACCEPTED, "after a restart");
+
     // A revoke and an un-revoke issue a new token; the leaked one never comes back.
     apply(&tokens, "ci", json!({"scopes": ["metrics:read"], "revoked": true})).await;
     wait_for("revoked", T, || async {
@@ -306,16 +328,7 @@ async fn a_signed_github_report_kills_the_token_at_once_and_a_new_one_takes_its_
     assert_eq!(answers(&base, &third), ACCEPTED);
     assert_eq!(answers(&base, &leaked), REJECTED);
 
-    // The metric, and no plaintext anywhere it must not be.
-    let metrics = curl(&[&format!("{}/metrics", op.metrics_url)]).raw;
-    assert!(
-        metrics.contains("apitoken_leak_reports_total{reporter=\"github\",result=\"true_positive\"} 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("apitoken_leak_reports_total{reporter=\"github\",result=\"unauthorized\"} 4"),
-        "{metrics}"
-    );
+    // No plaintext anywhere it must not be.
     let everything = format!(
         "{}{}{}",
         op.log_text(),

@@ -33,17 +33,25 @@ struct Fixture {
 }
 
 /// The endpoint with one trusted key, an empty index (no report can reach the API) and a client
-/// for an address nobody listens on.
+/// for an address nobody listens on; failure limits out of the way.
 fn fixture() -> &'static Fixture {
     static F: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
-    F.get_or_init(|| {
+    F.get_or_init(|| build(1_000_000, 1_000_000))
+}
+
+fn build(per_second: u32, burst: u32) -> Fixture {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let signer =
-            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der(), &SystemRandom::new())
-                .unwrap();
+        let signer = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            &key.serialize_der(),
+            &SystemRandom::new(),
+        )
+        .unwrap();
         let dir = std::env::temp_dir().join(format!("apitoken-fuzz-leaks-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("keys.json");
+        let file = dir.join(format!("keys-{}.json", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         let doc = serde_json::json!({"public_keys": [{"key_identifier": KEY_ID, "key": key.public_key_pem(), "is_current": true}]});
         std::fs::write(&file, doc.to_string()).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -53,12 +61,12 @@ fn fixture() -> &'static Fixture {
                 index: Index::default(),
                 client: kube::Client::try_from(config).unwrap(),
                 github_keys: Some(Arc::new(KeysFile::load(&file).unwrap())),
-                limiter: Arc::new(FailureLimiter::new(1_000_000, 1_000_000)),
+                limiter: Arc::new(FailureLimiter::new(per_second, burst)),
                 metrics: Arc::new(Metrics::default()),
             }))
         });
         Fixture { rt, app, signer }
-    })
+    }
 }
 
 fn sign(body: &[u8]) -> String {
@@ -68,7 +76,17 @@ fn sign(body: &[u8]) -> String {
 
 /// Status and body of one report.
 fn post(body: Vec<u8>, key_id: &[u8], signature: &[u8]) -> (StatusCode, String) {
-    let f = fixture();
+    let (status, _, body) = post_to(fixture(), body, key_id, signature);
+    (status, body)
+}
+
+/// Status, headers and body of one report to `f`'s endpoint.
+fn post_to(
+    f: &Fixture,
+    body: Vec<u8>,
+    key_id: &[u8],
+    signature: &[u8],
+) -> (StatusCode, axum::http::HeaderMap, String) {
     let mut req = Request::post(GITHUB_PATH).header("content-type", "application/json");
     if let Ok(v) = axum::http::HeaderValue::from_bytes(key_id) {
         req = req.header("github-public-key-identifier", v);
@@ -80,9 +98,9 @@ fn post(body: Vec<u8>, key_id: &[u8], signature: &[u8]) -> (StatusCode, String) 
     let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
     f.rt.block_on(async {
         let resp = f.app.call(req, peer).await;
-        let status = resp.status();
+        let (status, headers) = (resp.status(), resp.headers().clone());
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
+        (status, headers, String::from_utf8_lossy(&bytes).into_owned())
     })
 }
 
@@ -171,4 +189,24 @@ fn an_oversized_report_is_413_before_any_signature_check() {
     let body = vec![b' '; 70 * 1024];
     let (status, _) = post(body, KEY_ID.as_bytes(), b"x");
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[test]
+fn a_flood_of_badly_signed_reports_is_rate_limited_and_a_good_report_is_not_counted() {
+    let f = build(1, 3);
+    let body = b"[]".to_vec();
+    let good = {
+        let sig = f.signer.sign(&SystemRandom::new(), &body).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(sig.as_ref())
+    };
+    // Signed reports never count as failures.
+    for _ in 0..10 {
+        assert_eq!(post_to(&f, body.clone(), KEY_ID.as_bytes(), good.as_bytes()).0, StatusCode::OK);
+    }
+    let codes: Vec<StatusCode> =
+        (0..5).map(|_| post_to(&f, body.clone(), KEY_ID.as_bytes(), b"AAAA").0).collect();
+    assert_eq!(&codes[..3], [StatusCode::UNAUTHORIZED; 3]);
+    let (status, headers, answer) = post_to(&f, body, KEY_ID.as_bytes(), good.as_bytes());
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{codes:?} then {answer}");
+    assert!(headers.contains_key("retry-after"));
 }
