@@ -13,7 +13,7 @@ use apitoken_operator::metrics::Metrics;
 use apitoken_operator::verify::http::App;
 use apitoken_operator::verify::index::Index;
 use apitoken_operator::verify::leak_report::KeysFile;
-use apitoken_operator::verify::leaks::{GITHUB_PATH, LeakState, router};
+use apitoken_operator::verify::leaks::{GITHUB_PATH, KUBERNETES_PATH, LeakState, router};
 use apitoken_operator::verify::limiter::FailureLimiter;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -179,6 +179,38 @@ proptest! {
     #[test]
     fn unsigned_or_badly_signed_reports_are_401((body, tokens) in report(), key_id in proptest::collection::vec(any::<u8>(), 0..80), signature in proptest::collection::vec(any::<u8>(), 0..120)) {
         let (status, answer) = post(body, &key_id, &signature);
+        prop_assert!(status == StatusCode::UNAUTHORIZED || status == StatusCode::PAYLOAD_TOO_LARGE, "{status} {answer}");
+        prop_assert!(no_echo(&answer, &tokens), "{answer}");
+    }
+}
+
+/// Status and body of one in-cluster report with `authorization` (if it is a header value).
+fn post_kubernetes(body: Vec<u8>, authorization: &[u8]) -> (StatusCode, String) {
+    let f = fixture();
+    let mut req = Request::post(KUBERNETES_PATH);
+    if let Ok(v) = axum::http::HeaderValue::from_bytes(authorization) {
+        req = req.header("authorization", v);
+    }
+    let req = req.body(Body::from(body)).unwrap();
+    let peer: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+    f.rt.block_on(async {
+        let resp = f.app.call(req, peer).await;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(fuzz_cases(256)))]
+
+    /// Without a bearer token nothing reaches the API server: 401 (or 413), whatever the body.
+    #[test]
+    fn in_cluster_reports_without_a_bearer_token_are_401((body, tokens) in report(), authorization in proptest::collection::vec(any::<u8>(), 0..80)) {
+        let text = String::from_utf8_lossy(&authorization);
+        let bearer = text.split_once(' ').is_some_and(|(scheme, rest)| scheme.eq_ignore_ascii_case("bearer") && !rest.trim().is_empty());
+        prop_assume!(!bearer);
+        let (status, answer) = post_kubernetes(body, &authorization);
         prop_assert!(status == StatusCode::UNAUTHORIZED || status == StatusCode::PAYLOAD_TOO_LARGE, "{status} {answer}");
         prop_assert!(no_echo(&answer, &tokens), "{answer}");
     }
