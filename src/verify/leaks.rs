@@ -339,11 +339,16 @@ fn label_str(label: Label) -> &'static str {
     }
 }
 
-/// Where the token was found, unless that text holds the token itself (a status never does).
+/// Where the token was found, unless that text holds the token or any other well-formed token
+/// (a status never does).
 fn found_at(r: &ReportedToken) -> Option<String> {
     let url = r.url.as_deref()?;
-    Some(if url.contains(r.token.expose()) {
-        "(withheld: the reported location contains the token)".into()
+    let holds_a_token = url.contains(r.token.expose())
+        || url
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .any(|word| token::parse(word).is_ok());
+    Some(if holds_a_token {
+        "(withheld: the reported location contains a token)".into()
     } else {
         url.to_string()
     })
@@ -389,4 +394,34 @@ async fn record(
         }
     }
     Err(last.expect("at least one attempt"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_location_holding_a_token_is_withheld() {
+        use rand::SeedableRng;
+        let mint = |seed| token::generate("apitok", &mut rand::rngs::StdRng::seed_from_u64(seed)).plaintext;
+        let (reported, other) = (mint(1), mint(2));
+        let at = |url: String| {
+            found_at(&ReportedToken {
+                token: reported.clone(),
+                token_type: None,
+                url: Some(url),
+                source: None,
+            })
+        };
+        let plain = "https://github.com/acme/app/blob/main/.env";
+        assert_eq!(at(plain.into()).as_deref(), Some(plain));
+        for url in [
+            format!("https://example.com/?t={}", reported.expose()),
+            format!("https://example.com/x/{}#L3", other.expose()),
+            format!("pasted:{}", reported.expose()),
+        ] {
+            let shown = at(url).unwrap();
+            assert!(shown.starts_with("(withheld"), "{shown}");
+        }
+    }
 }
