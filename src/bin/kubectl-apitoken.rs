@@ -97,7 +97,7 @@ type Res<T> = Result<T, Failure>;
     name = "kubectl-apitoken",
     bin_name = "kubectl apitoken",
     version,
-    about = "Create, list, describe, rotate, revoke, regenerate, reveal and delete ApiTokens",
+    about = "Create, list, describe, rotate, revoke, regenerate, reveal and delete ApiTokens, and report leaked ones",
     after_help = EXIT_CODES
 )]
 struct Cli {
@@ -440,7 +440,10 @@ struct Reporter {
 const REPORT_BATCH: usize = 100;
 
 async fn report_leak(ctx: &Ctx, to: &Reporter, url: Option<&str>) -> Res<()> {
-    use std::io::Read as _;
+    use std::io::{IsTerminal as _, Read as _};
+    if std::io::stdin().is_terminal() {
+        note("reading tokens from stdin, one per line; end with Ctrl-D");
+    }
     let mut input = zeroize::Zeroizing::new(String::new());
     std::io::stdin()
         .read_to_string(&mut input)
@@ -453,13 +456,22 @@ async fn report_leak(ctx: &Ctx, to: &Reporter, url: Option<&str>) -> Res<()> {
     }
     let client = reporter_client(ctx, to).await?;
     let (mut killed, mut other) = (0, 0);
-    for batch in tokens.chunks(REPORT_BATCH) {
+    // Each entry carries the location: keep a request well under the endpoint's 64 KiB.
+    let per_request = (48 * 1024 / (url.map_or(0, str::len) + 160)).clamp(1, REPORT_BATCH);
+    for batch in tokens.chunks(per_request) {
         let body: Vec<serde_json::Value> = batch
             .iter()
             .map(|t| json!({"token": t, "type": "apitoken_operator_token", "url": url, "source": "kubectl-apitoken"}))
             .collect();
         let feedback =
             post_report(&client, &to.server, serde_json::to_vec(&body).unwrap_or_default()).await?;
+        if feedback.len() != batch.len() {
+            return Err(Failure::Other(format!(
+                "the verification service answered {} entries for {} tokens; is --server the apitoken-operator?",
+                feedback.len(),
+                batch.len()
+            )));
+        }
         for (t, entry) in batch.iter().zip(&feedback) {
             let label = entry["label"].as_str().unwrap_or("unknown");
             let shown = if token::parse(t).is_ok() {
@@ -486,6 +498,14 @@ async fn reporter_client(ctx: &Ctx, to: &Reporter) -> Res<Client> {
     use tokio_rustls::rustls::pki_types::pem::PemObject as _;
     let uri: axum::http::Uri =
         to.server.parse().map_err(|e| Failure::Other(format!("--server {}: not a URL: {e}", to.server)))?;
+    // Credentials go over TLS, except to this machine (a port-forward or a local test).
+    let loopback = matches!(uri.host(), Some("localhost" | "127.0.0.1" | "[::1]" | "::1"));
+    if uri.scheme_str() != Some("https") && !loopback {
+        return Err(Failure::Other(format!(
+            "--server {}: use https:// (your credentials are sent to it); plain http only to localhost",
+            to.server
+        )));
+    }
     let mut config = Config::new(uri);
     config.auth_info = match &to.as_service_account {
         Some(sa) => {
@@ -567,6 +587,9 @@ async fn post_report(client: &Client, server: &str, body: Vec<u8>) -> Res<Vec<se
         403 | 400 | 413 | 429 => {
             Err(Failure::Refused(format!("the verification service refused the report: {why}")))
         }
+        503 => Err(Failure::Other(format!(
+            "the report could not be recorded in full ({why}); run the same command again"
+        ))),
         code => Err(Failure::Other(format!("the verification service answered HTTP {code}: {why}"))),
     }
 }

@@ -103,7 +103,7 @@ impl Publisher {
             reason: Some(ev.reason.clone()),
             event_time: Some(MicroTime(now)),
             regarding: Some(regarding.clone()),
-            note: ev.note.clone(),
+            note: ev.note.as_deref().map(fit_note),
             metadata: ObjectMeta {
                 namespace: regarding.namespace.clone(),
                 name: Some(format!(
@@ -122,5 +122,32 @@ impl Publisher {
             related: ev.secondary.clone(),
             ..K8sEvent::default()
         }
+    }
+}
+
+/// The API server refuses an Event whose note is over 1 KiB: cut longer ones (a leak report's
+/// location can be 2 KiB) at a character boundary, marked with an ellipsis.
+fn fit_note(note: &str) -> String {
+    const MAX: usize = 1024;
+    if note.len() <= MAX {
+        return note.to_string();
+    }
+    let mut end = MAX - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_note;
+
+    #[test]
+    fn long_notes_are_cut_to_what_the_api_server_takes() {
+        assert_eq!(fit_note("short"), "short");
+        let long = "é".repeat(700);
+        let cut = fit_note(&long);
+        assert!(cut.len() <= 1024 && cut.ends_with('…'), "{}", cut.len());
     }
 }

@@ -267,7 +267,9 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
     // Plan.
     let action = plan::plan(&desired, &current, state, now);
     debug!(?action, ?state, "planned");
+    // A leak is acted on whatever held the last Secret write back.
     if writes_secret(&action)
+        && action != Action::Rotate(plan::RotateReason::Leaked)
         && let Some(hold) = secret_write_hold(obj, &status, now)
     {
         // The last Secret write was refused: no new token until the ApiToken changes (or, for

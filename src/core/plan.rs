@@ -193,7 +193,14 @@ pub fn plan(d: &Desired, c: &Current, secret: SecretState, now: Timestamp) -> Ac
         return if d.rotation_enabled || asked_to_rotate {
             Action::Rotate(RotateReason::Leaked)
         } else if c.phase == Phase::Failed && secret == SecretState::Missing {
-            Action::Wait { until: None }
+            // Withdrawn. A previous token that did not leak keeps its grace period.
+            match (&c.previous_token_hash, c.previous_valid_until) {
+                (Some(_), until) if c.previous_leaked() || until.is_none_or(|u| now >= u) => {
+                    Action::RetirePrevious
+                }
+                (Some(_), until) => Action::Wait { until },
+                (None, _) => Action::Wait { until: None },
+            }
         } else {
             Action::Withdraw
         };
@@ -475,6 +482,23 @@ mod tests {
         assert_eq!(settle(&d, &mut c, &mut s, t(101), &mut n), vec![Action::Rotate(RotateReason::Leaked)]);
         assert_eq!((c.phase, c.previous_token_hash.as_deref()), (Phase::Active, None));
         assert!(c.token_hash.is_some() && !c.current_leaked(), "a new token");
+    }
+
+    #[test]
+    fn a_withdrawn_token_lets_an_unleaked_previous_one_finish_its_grace_period() {
+        let mut d = desired(3600, None, 60);
+        d.rotation_enabled = false;
+        let (mut c, mut s, mut n) = (Current::default(), SecretState::Missing, 0);
+        settle(&d, &mut c, &mut s, t(0), &mut n);
+        d.trigger = Some("1".into());
+        settle(&d, &mut c, &mut s, t(10), &mut n);
+        assert_eq!(c.previous_valid_until, Some(t(70)));
+        c.leaked.push(c.token_hash.clone().unwrap());
+        assert_eq!(settle(&d, &mut c, &mut s, t(11), &mut n), vec![Action::Withdraw]);
+        assert_eq!(plan(&d, &c, s, t(12)), Action::Wait { until: Some(t(70)) });
+        assert_eq!(settle(&d, &mut c, &mut s, t(70), &mut n), vec![Action::RetirePrevious]);
+        assert_eq!((c.phase, c.previous_token_hash.as_deref()), (Phase::Failed, None));
+        assert_eq!(plan(&d, &c, s, t(71)), Action::Wait { until: None });
     }
 
     #[test]

@@ -110,13 +110,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
-        app = app.merge(verify::leaks::router(verify::leaks::LeakState {
-            index: index.clone(),
-            client: client.clone(),
+        app = app.merge(verify::leaks::router(verify::leaks::LeakState::new(
+            index.clone(),
+            client.clone(),
             github_keys,
-            limiter: limiter.clone(),
-            metrics: metrics.clone(),
-        }));
+            limiter.clone(),
+            metrics.clone(),
+        )));
         app = app.merge(verify::http::router(AppState {
             index: index.clone(),
             metrics: metrics.clone(),

@@ -245,6 +245,11 @@ impl Index {
                 inner.by_hash.remove(&d);
             }
         }
+        // Every replica remembers what any status ever recorded as leaked: a version of the
+        // object from before the record, arriving late, cannot bring the hash back.
+        if let Some(status) = &at.status {
+            inner.leaked.extend(status.leaks.iter().filter_map(|l| parse_digest(&l.token_hash)));
+        }
         let entries: Vec<_> = entries.into_iter().filter(|(d, _)| !inner.leaked.contains(d)).collect();
         let digests = entries.iter().map(|(d, _)| *d).collect();
         inner.by_hash.extend(entries);
@@ -266,6 +271,16 @@ impl Index {
                 inner.by_hash.remove(&d);
             }
         }
+    }
+
+    /// Takes `tokens` as a complete list (what a watch's list gives): the index holds exactly
+    /// them and is ready.
+    pub fn apply_list<'a>(&self, tokens: impl IntoIterator<Item = &'a ApiToken>) {
+        self.start_list();
+        for at in tokens {
+            self.upsert(at);
+        }
+        self.finish_list();
     }
 
     /// A (re-)list starts: objects not seen again before [`Index::finish_list`] are dropped.
@@ -391,6 +406,9 @@ mod tests {
         index.upsert(&at);
         assert!(index.get(&parse_digest(&h(1)).unwrap()).is_none());
         assert!(index.get(&parse_digest(&h(2)).unwrap()).is_some());
+        // An older version of the object (from before the record) arriving late: still out.
+        index.upsert(&token("a", &h(2), Some(&h(1))));
+        assert!(index.get(&parse_digest(&h(1)).unwrap()).is_none());
         // Rejected locally at once: an older version of the object from the watch (from before
         // the record) does not bring it back, nor does a re-list.
         index.reject_leaked(parse_digest(&h(2)).unwrap());

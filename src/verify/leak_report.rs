@@ -434,9 +434,10 @@ pub fn parse_report(body: &[u8]) -> Result<Vec<ReportedToken>, ReportError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Label {
-    /// A token the operator issued (whether or not it is still valid).
+    /// A token the operator issued that worked until this report (now killed).
     TruePositive,
-    /// Not one of ours: malformed, wrong checksum, or unknown to the index.
+    /// Anything else: malformed, wrong checksum, unknown, or already dead (expired, revoked,
+    /// past its grace period, reported before).
     FalsePositive,
 }
 

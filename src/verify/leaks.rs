@@ -15,7 +15,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -31,6 +32,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::index::{Digest, Index, parse_digest};
@@ -61,19 +63,58 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Clone)]
 pub struct LeakState {
-    pub index: Index,
-    pub client: Client,
+    index: Index,
+    client: Client,
     /// GitHub's public keys (`--leak-keys-file`); without them GitHub's reports are not taken.
-    pub github_keys: Option<Arc<KeysFile>>,
-    pub limiter: Arc<FailureLimiter>,
-    pub metrics: Arc<Metrics>,
+    github_keys: Option<Arc<KeysFile>>,
+    limiter: Arc<FailureLimiter>,
+    metrics: Arc<Metrics>,
+    /// In-cluster reports being checked at once: each costs the API server a TokenReview and a
+    /// SubjectAccessReview made as the operator, so a flood is refused rather than passed on.
+    in_flight: Arc<Semaphore>,
+    /// When the keys file was last re-read for an unknown key id (at most once a second).
+    last_reload: Arc<Mutex<Option<Instant>>>,
 }
 
 impl LeakState {
+    pub fn new(
+        index: Index,
+        client: Client,
+        github_keys: Option<Arc<KeysFile>>,
+        limiter: Arc<FailureLimiter>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            index,
+            client,
+            github_keys,
+            limiter,
+            metrics,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            last_reload: Arc::default(),
+        }
+    }
+
     fn count(&self, reporter: &'static str, result: &'static str) {
         self.metrics.leak_reports.get_or_create(&LeakLabels { reporter, result }).inc();
     }
+
+    /// Re-reads the keys file unless that was done within the last second.
+    fn reload_keys(&self, keys: &KeysFile) {
+        let mut last = self.last_reload.lock().expect("reload lock");
+        if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            *last = Some(Instant::now());
+            keys.reload();
+        }
+    }
 }
+
+/// In-cluster reports checked at the same time (more: 429).
+const MAX_IN_FLIGHT: usize = 8;
+/// The longest a report may take to act on (records written); then 503.
+const ACT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most of a reported location kept in the status (an Event's note holds 1 KiB in all).
+const MAX_LOCATION: usize = 512;
 
 /// The leak-report routes.
 pub fn router(state: LeakState) -> Router {
@@ -81,7 +122,8 @@ pub fn router(state: LeakState) -> Router {
         .route(GITHUB_PATH, post(github))
         .route(KUBERNETES_PATH, post(kubernetes))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, BODY_TIMEOUT))
+        // The body must arrive within this; acting on it has its own limit (ACT_TIMEOUT).
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(BODY_TIMEOUT))
         .with_state(state)
 }
 
@@ -96,16 +138,20 @@ fn problem(status: StatusCode, error: &str, message: &str) -> Response {
     (status, axum::Json(Problem { error, message })).into_response()
 }
 
+/// 429 with Retry-After.
+fn too_many(s: &LeakState, reporter: &'static str, wait: Duration, message: &str) -> Response {
+    s.count(reporter, "rate_limited");
+    let mut resp = problem(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
+    resp
+}
+
 async fn github(
     State(s): State<LeakState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let client = s.limiter.client(peer.ip(), &headers);
-    if let Some(refused) = rate_limited(&s, &client, GITHUB_REPORTER) {
-        return refused;
-    }
     let Some(keys) = &s.github_keys else {
         return problem(
             StatusCode::NOT_FOUND,
@@ -118,10 +164,22 @@ async fn github(
     let mut checked = keys.verify(key_id, signature, &body);
     if matches!(checked, Err(SignatureError::UnknownKeyId { .. })) {
         // GitHub may sign with a key added to the file moments ago: look again before refusing.
-        keys.reload();
+        s.reload_keys(keys);
         checked = keys.verify(key_id, signature, &body);
     }
+    // The signature is checked before the failure limit: a flood of forgeries from the same
+    // address (everyone behind one Ingress without --trusted-proxies) never holds up GitHub's
+    // signed reports.
     if let Err(e) = checked {
+        let client = s.limiter.client(peer.ip(), &headers);
+        if let Some(wait) = s.limiter.blocked(&client) {
+            return too_many(
+                &s,
+                GITHUB_REPORTER,
+                wait,
+                "too many reports with bad signatures from this client",
+            );
+        }
         s.limiter.failed(&client);
         s.count(GITHUB_REPORTER, "unauthorized");
         warn!(%peer, reason = e.reason(), "leak report refused: {e}");
@@ -141,24 +199,6 @@ async fn github(
     answer(&s, &report, GITHUB_REPORTER, GITHUB_REPORTER).await
 }
 
-/// 429 with Retry-After for a client over its failure quota (refused reports count as failed
-/// verifications do).
-fn rate_limited(
-    s: &LeakState,
-    client: &super::limiter::ClientKey,
-    reporter: &'static str,
-) -> Option<Response> {
-    let wait = s.limiter.blocked(client)?;
-    s.count(reporter, "rate_limited");
-    let mut resp = problem(
-        StatusCode::TOO_MANY_REQUESTS,
-        "rate_limited",
-        "too many refused reports from this client; retry later",
-    );
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs().max(1)));
-    Some(resp)
-}
-
 /// Metric label of reports from Kubernetes users.
 const KUBERNETES_REPORTER: &str = "kubernetes";
 
@@ -169,44 +209,54 @@ async fn kubernetes(
     body: Bytes,
 ) -> Response {
     let client = s.limiter.client(peer.ip(), &headers);
-    if let Some(refused) = rate_limited(&s, &client, KUBERNETES_REPORTER) {
-        return refused;
+    if let Some(wait) = s.limiter.blocked(&client) {
+        return too_many(&s, KUBERNETES_REPORTER, wait, "too many refused reports from this client");
     }
-    let unauthenticated = |s: &LeakState| {
+    // Every refusal counts against the client: each check below costs the API server a call.
+    let refuse = |result: &'static str, status: StatusCode, error: &str, message: &str| {
         s.limiter.failed(&client);
-        s.count(KUBERNETES_REPORTER, "unauthorized");
-        problem(
+        s.count(KUBERNETES_REPORTER, result);
+        problem(status, error, message)
+    };
+    let Some(bearer) = bearer(&headers) else {
+        return refuse(
+            "unauthorized",
             StatusCode::UNAUTHORIZED,
             "unauthenticated",
             "send a Kubernetes bearer token (e.g. a ServiceAccount token) in Authorization: Bearer",
-        )
+        );
     };
-    let Some(bearer) = bearer(&headers) else { return unauthenticated(&s) };
+    // What costs nothing first: a body that is no report is refused before any API call.
+    let report = match leak_report::parse_report(&body) {
+        Ok(r) => r,
+        Err(e) => return refuse("invalid", StatusCode::BAD_REQUEST, "invalid_request", &e.to_string()),
+    };
+    let Ok(_permit) = s.in_flight.clone().try_acquire_owned() else {
+        return too_many(&s, KUBERNETES_REPORTER, Duration::from_secs(1), "too many reports at once; retry");
+    };
     let user = match reporter_identity(&s.client, bearer).await {
         Ok(Some(user)) => user,
-        Ok(None) => return unauthenticated(&s),
-        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e),
+        Ok(None) => {
+            return refuse(
+                "unauthorized",
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "the bearer token is not valid for this cluster",
+            );
+        }
+        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e.to_string()),
     };
+    let who = user.username.clone().filter(|u| !u.is_empty()).unwrap_or_else(|| "an unnamed user".into());
     match may_report(&s.client, &user).await {
         Ok(true) => {}
         Ok(false) => {
-            s.count(KUBERNETES_REPORTER, "forbidden");
             let message = format!(
-                "{} may not report leaks: it needs RBAC permission to create {LEAKS_RESOURCE}.{LEAKS_GROUP}",
-                user.username.as_deref().unwrap_or("this user")
+                "{who} may not report leaks: it needs RBAC permission to create {LEAKS_RESOURCE}.{LEAKS_GROUP}"
             );
-            return problem(StatusCode::FORBIDDEN, "forbidden", &message);
+            return refuse("forbidden", StatusCode::FORBIDDEN, "forbidden", &message);
         }
-        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e),
+        Err(e) => return unavailable(&s, KUBERNETES_REPORTER, &e.to_string()),
     }
-    let report = match leak_report::parse_report(&body) {
-        Ok(r) => r,
-        Err(e) => {
-            s.count(KUBERNETES_REPORTER, "invalid");
-            return problem(StatusCode::BAD_REQUEST, "invalid_request", &e.to_string());
-        }
-    };
-    let who = user.username.clone().unwrap_or_default();
     answer(&s, &report, KUBERNETES_REPORTER, &who).await
 }
 
@@ -251,31 +301,38 @@ async fn may_report(client: &Client, user: &UserInfo) -> Result<bool, kube::Erro
     Ok(reviewed.status.is_some_and(|s| s.allowed))
 }
 
-fn unavailable(s: &LeakState, reporter: &'static str, e: &kube::Error) -> Response {
+fn unavailable(s: &LeakState, reporter: &'static str, why: &str) -> Response {
     s.count(reporter, "unavailable");
-    warn!(error = %e, "a leak report could not be handled");
+    warn!(error = why, "a leak report could not be handled");
     problem(
         StatusCode::SERVICE_UNAVAILABLE,
         "unavailable",
-        "the Kubernetes API could not be reached to check or record the report; send it again",
+        "the report could not be checked or recorded in full (the verification index is loading or the Kubernetes API did not answer); tokens recorded before that are dead already: send the report again",
     )
 }
 
 /// Acts on a report that passed its reporter's check and answers with the feedback array.
 async fn answer(s: &LeakState, report: &[ReportedToken], reporter: &'static str, who: &str) -> Response {
-    match act(s, report, reporter, who, Timestamp::now()).await {
-        Ok(feedback) => {
+    if !s.index.is_ready() {
+        // Before the first list, "unknown" would be a guess: a real leak answered
+        // false_positive would not be sent again.
+        return unavailable(s, reporter, "the verification index has not loaded yet");
+    }
+    match tokio::time::timeout(ACT_TIMEOUT, act(s, report, reporter, who, Timestamp::now())).await {
+        Ok(Ok(feedback)) => {
             let mut resp = (StatusCode::OK, leak_report::feedback_body(&feedback)).into_response();
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp
         }
-        Err(e) => unavailable(s, reporter, &e),
+        Ok(Err(e)) => unavailable(s, reporter, &e.to_string()),
+        Err(_) => unavailable(s, reporter, "recording took longer than 30s"),
     }
 }
 
 /// An ApiToken's token that the index holds as usable now.
 struct Usable {
     digest: Digest,
+    hash: String,
     namespace: String,
     name: String,
 }
@@ -284,11 +341,12 @@ struct Usable {
 /// and not past its grace period.
 fn usable(index: &Index, r: &ReportedToken, now: Timestamp) -> Option<Usable> {
     r.well_formed().ok()?;
-    let digest = parse_digest(&r.hash())?;
+    let hash = r.hash();
+    let digest = parse_digest(&hash)?;
     let read = index.read();
     let e = read.get(&digest)?;
     let live = !e.meta.revoked && e.valid_until.is_none_or(|until| now < until);
-    live.then(|| Usable { digest, namespace: e.meta.namespace().into(), name: e.meta.name().into() })
+    live.then(|| Usable { digest, hash, namespace: e.meta.namespace().into(), name: e.meta.name().into() })
 }
 
 /// Labels each reported token; a usable one is recorded as leaked (by `who`) and rejected here
@@ -307,21 +365,23 @@ async fn act(
         let label = match labelled.get(&hash) {
             Some(label) => *label,
             None => {
-                let label = match usable(&s.index, r, now) {
-                    None => Label::FalsePositive,
-                    Some(u) => {
-                        record(&s.client, &u, r, who, now).await?;
-                        s.index.reject_leaked(u.digest);
-                        info!(
-                            namespace = u.namespace,
-                            name = u.name,
-                            token = %token::display(&r.token),
-                            reporter = who,
-                            "a token was reported leaked: rejected from now on"
-                        );
-                        Label::TruePositive
-                    }
+                let recorded = match usable(&s.index, r, now) {
+                    None => false,
+                    Some(u) => record(&s.client, &u, r, who, now)
+                        .await?
+                        .then(|| {
+                            s.index.reject_leaked(u.digest);
+                            info!(
+                                namespace = u.namespace,
+                                name = u.name,
+                                token = %token::display(&r.token),
+                                reporter = who,
+                                "a token was reported leaked: rejected from now on"
+                            );
+                        })
+                        .is_some(),
                 };
+                let label = if recorded { Label::TruePositive } else { Label::FalsePositive };
                 labelled.insert(hash, label);
                 s.count(reporter, label_str(label));
                 label
@@ -339,33 +399,72 @@ fn label_str(label: Label) -> &'static str {
     }
 }
 
-/// Where the token was found, unless that text holds the token or any other well-formed token
-/// (a status never does).
+/// Where the token was found (at most [`MAX_LOCATION`] bytes), unless that text holds the token
+/// or any other well-formed token, plain or percent-encoded (a status never does).
 fn found_at(r: &ReportedToken) -> Option<String> {
     let url = r.url.as_deref()?;
-    let holds_a_token = url.contains(r.token.expose())
-        || url
-            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .any(|word| token::parse(word).is_ok());
-    Some(if holds_a_token {
-        "(withheld: the reported location contains a token)".into()
-    } else {
-        url.to_string()
+    if url.contains(r.token.expose()) || holds_a_token(url) || holds_a_token(&percent_decoded(url)) {
+        return Some("(withheld: the reported location contains a token)".into());
+    }
+    if url.len() <= MAX_LOCATION {
+        return Some(url.to_string());
+    }
+    let mut end = MAX_LOCATION;
+    while !url.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some(format!("{}…", &url[..end]))
+}
+
+/// Does `text` contain a well-formed token (any prefix, checksum right) anywhere?
+fn holds_a_token(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let body = token::BODY_LEN;
+    (0..bytes.len()).filter(|&i| bytes[i] == b'_').any(|underscore| {
+        let end = underscore + 1 + body;
+        let base62 = bytes.get(underscore + 1..end).is_some_and(|b| b.iter().all(u8::is_ascii_alphanumeric));
+        // A prefix is 2 to 16 characters: try each start before the underscore.
+        base62
+            && (underscore.saturating_sub(16)..underscore.saturating_sub(1))
+                .any(|start| text.get(start..end).is_some_and(|t| token::parse(t).is_ok()))
     })
 }
 
+/// `%XX` sequences decoded (others left as they are).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Appends the leak to the ApiToken's `status.leaks` (the last [`MAX_LEAK_RECORDS`]), on the
-/// condition that nobody changed the object since it was read; retried on a conflict.
+/// condition that nobody changed the object since it was read; retried on a conflict. `false`
+/// when the object no longer holds the token (deleted, re-created, rotated meanwhile): it is
+/// dead already.
 async fn record(
     client: &Client,
     u: &Usable,
     r: &ReportedToken,
     reporter: &str,
     now: Timestamp,
-) -> Result<(), kube::Error> {
+) -> Result<bool, kube::Error> {
     let api: Api<ApiToken> = Api::namespaced(client.clone(), &u.namespace);
     let leak = LeakRecord {
-        token_hash: r.hash(),
+        token_hash: u.hash.clone(),
         display: Some(token::display(&r.token)),
         reported_at: Time(Timestamp::from_second(now.as_second()).unwrap_or(now)),
         reporter: reporter.into(),
@@ -374,10 +473,17 @@ async fn record(
     let pp = PatchParams { field_manager: Some(MANAGER.into()), ..PatchParams::default() };
     let mut last = None;
     for _ in 0..RECORD_ATTEMPTS {
-        let at = api.get(&u.name).await?;
-        let mut leaks = at.status.as_ref().map(|s| s.leaks.clone()).unwrap_or_default();
+        let Some(at) = api.get_opt(&u.name).await? else { return Ok(false) };
+        let status = at.status.clone().unwrap_or_default();
+        let holds =
+            [&status.token_hash, &status.previous_token_hash].iter().any(|h| h.as_deref() == Some(&u.hash));
+        let mut leaks = status.leaks;
         if leaks.iter().any(|l| l.token_hash == leak.token_hash) {
-            return Ok(());
+            // Recorded meanwhile (another report, another replica).
+            return Ok(true);
+        }
+        if !holds {
+            return Ok(false);
         }
         leaks.push(leak.clone());
         let excess = leaks.len().saturating_sub(MAX_LEAK_RECORDS);
@@ -388,8 +494,9 @@ async fn record(
             "status": {"leaks": leaks},
         });
         match api.patch_status(&u.name, &pp, &Patch::Merge(&patch)).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => last = Some(kube::Error::Api(e)),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
             Err(e) => return Err(e),
         }
     }
@@ -415,13 +522,27 @@ mod tests {
         };
         let plain = "https://github.com/acme/app/blob/main/.env";
         assert_eq!(at(plain.into()).as_deref(), Some(plain));
+        let glued = format!("key_{}", other.expose());
+        let encoded = other.expose().replace('_', "%5F");
         for url in [
             format!("https://example.com/?t={}", reported.expose()),
             format!("https://example.com/x/{}#L3", other.expose()),
             format!("pasted:{}", reported.expose()),
+            format!("https://example.com/?{glued}"),
+            format!("https://example.com/?t={encoded}"),
         ] {
             let shown = at(url).unwrap();
             assert!(shown.starts_with("(withheld"), "{shown}");
         }
+    }
+
+    #[test]
+    fn a_long_location_is_cut_at_a_character_boundary() {
+        use rand::SeedableRng;
+        let token = token::generate("apitok", &mut rand::rngs::StdRng::seed_from_u64(3)).plaintext;
+        let url = format!("https://example.com/{}", "é".repeat(600));
+        let kept =
+            found_at(&ReportedToken { token, token_type: None, url: Some(url), source: None }).unwrap();
+        assert!(kept.len() <= MAX_LOCATION + '…'.len_utf8() && kept.ends_with('…'), "{}", kept.len());
     }
 }
