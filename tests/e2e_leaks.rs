@@ -16,32 +16,10 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::operator::{Operator, install_crds};
-use support::{TestNamespace, issued_token, kubectl, ok, run, wait_for};
+use support::{Reply, TestNamespace, curl, issued_token, kubectl, ok, run, wait_for};
 
 const T: Duration = Duration::from_secs(30);
 const KEY_ID: &str = "4a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
-
-struct Reply {
-    code: u16,
-    body: Value,
-    raw: String,
-}
-
-/// `curl` with `args`; the body parsed as JSON when it is.
-fn curl(args: &[&str]) -> Reply {
-    let out = Command::new("curl")
-        .args(["-s", "-w", "\n%{http_code}", "--max-time", "10"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
-    Reply {
-        code: code.trim().parse().unwrap_or(0),
-        body: serde_json::from_str(body).unwrap_or(Value::Null),
-        raw: body.to_string(),
-    }
-}
 
 fn openssl(args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
     use std::io::Write as _;
@@ -136,6 +114,24 @@ fn kubectl_get(ns: &str, args: &[&str]) -> String {
     let mut cmd = kubectl();
     cmd.args(["-n", ns]).args(args);
     ok(run(cmd, None), "kubectl")
+}
+
+/// "TYPE MESSAGE" of the `Compromised` Event about ApiToken `name`, once a Warning is there.
+async fn compromised_event(ns: &str, name: &str) -> String {
+    let selector = format!("involvedObject.name={name},reason=Compromised");
+    wait_for("a Warning Compromised Event", T, || async {
+        let args = [
+            "get",
+            "events",
+            "--field-selector",
+            &selector,
+            "-o",
+            "jsonpath={.items[*].type} {.items[*].message}",
+        ];
+        let e = kubectl_get(ns, &args);
+        e.starts_with("Warning").then_some(e)
+    })
+    .await
 }
 
 fn hex_hash(t: &str) -> String {
@@ -265,21 +261,7 @@ async fn a_signed_github_report_kills_the_token_at_once_and_a_new_one_takes_its_
         ],
     );
     assert!(condition.starts_with("True ") && condition.contains(url), "{condition}");
-    let events = wait_for("a Warning Compromised Event", T, || async {
-        let e = kubectl_get(
-            &ns.name,
-            &[
-                "get",
-                "events",
-                "--field-selector",
-                "involvedObject.name=ci,reason=Compromised",
-                "-o",
-                "jsonpath={.items[*].type} {.items[*].message}",
-            ],
-        );
-        e.starts_with("Warning").then_some(e)
-    })
-    .await;
+    let events = compromised_event(&ns.name, "ci").await;
     assert!(events.contains(url) && events.contains("no grace period"), "{events}");
     println!("kubectl: {condition}\nevent: {events}");
 
@@ -363,21 +345,7 @@ async fn leaking_the_previous_token_in_its_grace_period_kills_it_and_keeps_the_c
     })
     .await;
     assert_eq!((after.token_hash, after.rotation_count), (before.token_hash, before.rotation_count));
-    let events = wait_for("a Warning Compromised Event", T, || async {
-        let e = kubectl_get(
-            &ns.name,
-            &[
-                "get",
-                "events",
-                "--field-selector",
-                "involvedObject.name=g,reason=Compromised",
-                "-o",
-                "jsonpath={.items[*].type} {.items[*].message}",
-            ],
-        );
-        e.starts_with("Warning").then_some(e)
-    })
-    .await;
+    let events = compromised_event(&ns.name, "g").await;
     assert!(events.contains("previous token"), "{events}");
     assert_eq!(
         issued_token(&tokens, &secrets, "g", None).await,

@@ -14,31 +14,9 @@ use kube::api::{Patch, PatchParams};
 use rand::SeedableRng;
 use serde_json::{Value, json};
 use support::operator::{Operator, install_crds};
-use support::{TestNamespace, issued_token, wait_for};
+use support::{Reply, TestNamespace, curl, issued_token, wait_for};
 
 const T: Duration = Duration::from_secs(30);
-
-struct Reply {
-    code: u16,
-    headers: String,
-    body: Value,
-}
-
-/// One request with curl: `curl -s -D - <args>`; the body is parsed as JSON when it is JSON.
-fn curl(args: &[&str]) -> Reply {
-    let out = Command::new("curl")
-        .args(["-s", "-D", "/dev/stderr", "-w", "\n%{http_code}", "--max-time", "5"])
-        .args(args)
-        .output()
-        .expect("curl is installed");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
-    Reply {
-        code: code.trim().parse().unwrap_or(0),
-        headers: String::from_utf8_lossy(&out.stderr).to_lowercase(),
-        body: serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
-    }
-}
 
 fn verify(base: &str, body: &Value) -> Reply {
     curl(&[

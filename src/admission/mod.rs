@@ -237,6 +237,24 @@ async fn validate_policy(body: Bytes) -> Response {
     respond(resp.deny(message))
 }
 
+/// The SubjectAccessReview asking whether `user` may do `attributes`.
+pub fn access_review(
+    user: &k8s_openapi::api::authentication::v1::UserInfo,
+    attributes: ResourceAttributes,
+) -> SubjectAccessReview {
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: user.username.clone(),
+            groups: user.groups.clone(),
+            uid: user.uid.clone(),
+            extra: user.extra.clone(),
+            resource_attributes: Some(attributes),
+            ..SubjectAccessReviewSpec::default()
+        },
+        ..SubjectAccessReview::default()
+    }
+}
+
 /// One SubjectAccessReview per added scope, in parallel and bounded; any doubt refuses.
 async fn ceiling(
     state: &AdmissionState,
@@ -252,24 +270,17 @@ async fn ceiling(
         .map(|(text, scope)| {
             let sars = sars.clone();
             let namespace = namespace.to_string();
-            let sar = SubjectAccessReview {
-                spec: SubjectAccessReviewSpec {
-                    user: user.username.clone(),
-                    groups: user.groups.clone(),
-                    uid: user.uid.clone(),
-                    extra: user.extra.clone(),
-                    resource_attributes: Some(ResourceAttributes {
-                        group: Some(SCOPES_GROUP.into()),
-                        resource: Some(scope.resource.clone()),
-                        name: scope.name.clone(),
-                        verb: Some(scope.verb.clone()),
-                        namespace: Some(namespace),
-                        ..ResourceAttributes::default()
-                    }),
-                    ..SubjectAccessReviewSpec::default()
+            let sar = access_review(
+                user,
+                ResourceAttributes {
+                    group: Some(SCOPES_GROUP.into()),
+                    resource: Some(scope.resource.clone()),
+                    name: scope.name.clone(),
+                    verb: Some(scope.verb.clone()),
+                    namespace: Some(namespace),
+                    ..ResourceAttributes::default()
                 },
-                ..SubjectAccessReview::default()
-            };
+            );
             async move { (text, scope, sars.create(&PostParams::default(), &sar).await) }
         })
         .buffer_unordered(SAR_CONCURRENCY)

@@ -26,7 +26,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use jiff::Timestamp;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, UserInfo};
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -280,22 +280,15 @@ async fn reporter_identity(client: &Client, bearer: &str) -> Result<Option<UserI
 
 /// May `user` create `leaks.apitoken.dev` (a SubjectAccessReview)?
 async fn may_report(client: &Client, user: &UserInfo) -> Result<bool, kube::Error> {
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user: user.username.clone(),
-            groups: user.groups.clone(),
-            uid: user.uid.clone(),
-            extra: user.extra.clone(),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(LEAKS_GROUP.into()),
-                resource: Some(LEAKS_RESOURCE.into()),
-                verb: Some("create".into()),
-                ..ResourceAttributes::default()
-            }),
-            ..SubjectAccessReviewSpec::default()
+    let review = crate::admission::access_review(
+        user,
+        ResourceAttributes {
+            group: Some(LEAKS_GROUP.into()),
+            resource: Some(LEAKS_RESOURCE.into()),
+            verb: Some("create".into()),
+            ..ResourceAttributes::default()
         },
-        ..SubjectAccessReview::default()
-    };
+    );
     let reviewed =
         Api::<SubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await?;
     Ok(reviewed.status.is_some_and(|s| s.allowed))

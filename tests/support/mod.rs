@@ -221,3 +221,31 @@ pub async fn issued_token(
 pub fn fuzz_cases(default: u32) -> u32 {
     std::env::var("APITOKEN_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
+
+/// What curl got back.
+pub struct Reply {
+    pub code: u16,
+    /// Response headers, lower-cased.
+    pub headers: String,
+    /// The body as JSON (a JSON string of it when it is not JSON).
+    pub body: serde_json::Value,
+    /// The body as it came.
+    pub raw: String,
+}
+
+/// One request with `curl -s <args>` (5 s at most).
+pub fn curl(args: &[&str]) -> Reply {
+    let out = Command::new("curl")
+        .args(["-s", "-D", "/dev/stderr", "-w", "\n%{http_code}", "--max-time", "5"])
+        .args(args)
+        .output()
+        .expect("curl is installed");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    Reply {
+        code: code.trim().parse().unwrap_or(0),
+        headers: String::from_utf8_lossy(&out.stderr).to_lowercase(),
+        body: serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string())),
+        raw: body.to_string(),
+    }
+}
