@@ -190,7 +190,8 @@ struct Inner {
     by_object: HashMap<(String, String), (Vec<Digest>, u64)>,
     generation: u64,
     /// Hashes this process saw reported leaked: kept out even if an older version of the
-    /// object (one from before the leak was recorded) arrives from the watch afterwards.
+    /// object (one from before the leak was recorded) arrives from the watch afterwards. Grows
+    /// only with real leaks (32 bytes each), so it is never pruned.
     leaked: std::collections::HashSet<Digest>,
 }
 

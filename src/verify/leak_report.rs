@@ -403,7 +403,8 @@ pub fn parse_report(body: &[u8]) -> Result<Vec<ReportedToken>, ReportError> {
         let Value::Object(mut entry) = entry else { return Err(ReportError::EntryNotObject { index }) };
         let token = match entry.remove("token") {
             None | Some(Value::Null) => return Err(ReportError::MissingToken { index }),
-            // Moved out, not copied, and wiped when dropped.
+            // Moved out of the parsed document, not copied; this copy is wiped when dropped (the
+            // request bytes and the parsed document are not).
             Some(Value::String(s)) => Zeroizing::new(s),
             Some(_) => return Err(ReportError::NotAString { index, field: "token" }),
         };
