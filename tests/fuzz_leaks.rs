@@ -97,7 +97,11 @@ fn post_to(
     if let Ok(v) = axum::http::HeaderValue::from_bytes(signature) {
         req = req.header("github-public-key-signature", v);
     }
-    let req = req.body(Body::from(body)).unwrap();
+    send(f, req.body(Body::from(body)).unwrap())
+}
+
+/// Status, headers and body of `req` to `f`'s endpoints.
+fn send(f: &Fixture, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
     let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
     f.rt.block_on(async {
         let resp = f.app.call(req, peer).await;
@@ -194,14 +198,8 @@ fn post_kubernetes(body: Vec<u8>, authorization: &[u8]) -> (StatusCode, String) 
     if let Ok(v) = axum::http::HeaderValue::from_bytes(authorization) {
         req = req.header("authorization", v);
     }
-    let req = req.body(Body::from(body)).unwrap();
-    let peer: SocketAddr = "127.0.0.1:4001".parse().unwrap();
-    f.rt.block_on(async {
-        let resp = f.app.call(req, peer).await;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
-    })
+    let (status, _, answer) = send(f, req.body(Body::from(body)).unwrap());
+    (status, answer)
 }
 
 proptest! {

@@ -152,16 +152,14 @@ pub fn entries_of(at: &ApiToken) -> Vec<(Digest, Entry)> {
         &at.spec.audiences,
         at.spec.revoked || status.phase == Some(Phase::Revoked),
     ));
+    // Hashes reported leaked (`status.leaks`) are kept out by `Index::upsert`.
     let mut out = Vec::with_capacity(2);
-    // A hash reported leaked is never valid again, whatever else the status says.
-    let leaked = |h: &str| status.leaks.iter().any(|l| l.token_hash == h);
-    let usable = |h: Option<&str>| h.filter(|h| !leaked(h)).and_then(parse_digest);
-    if let Some(d) = usable(status.token_hash.as_deref()) {
+    if let Some(d) = status.token_hash.as_deref().and_then(parse_digest) {
         let valid_until = status.expires_at.as_ref().map(|t| t.0);
         out.push((d, Entry { meta: meta.clone(), valid_until, previous: false }));
     }
     if let (Some(d), Some(until)) =
-        (usable(status.previous_token_hash.as_deref()), status.previous_valid_until.as_ref())
+        (status.previous_token_hash.as_deref().and_then(parse_digest), status.previous_valid_until.as_ref())
     {
         out.push((d, Entry { meta, valid_until: Some(until.0), previous: true }));
     }

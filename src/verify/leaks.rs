@@ -359,20 +359,18 @@ async fn act(
             Some(label) => *label,
             None => {
                 let recorded = match usable(&s.index, r, now) {
-                    None => false,
-                    Some(u) => record(&s.client, &u, r, who, now)
-                        .await?
-                        .then(|| {
-                            s.index.reject_leaked(u.digest);
-                            info!(
-                                namespace = u.namespace,
-                                name = u.name,
-                                token = %token::display(&r.token),
-                                reporter = who,
-                                "a token was reported leaked: rejected from now on"
-                            );
-                        })
-                        .is_some(),
+                    Some(u) if record(&s.client, &u, r, who, now).await? => {
+                        s.index.reject_leaked(u.digest);
+                        info!(
+                            namespace = u.namespace,
+                            name = u.name,
+                            token = %token::display(&r.token),
+                            reporter = who,
+                            "a token was reported leaked: rejected from now on"
+                        );
+                        true
+                    }
+                    _ => false,
                 };
                 let label = if recorded { Label::TruePositive } else { Label::FalsePositive };
                 labelled.insert(hash, label);
