@@ -4,12 +4,16 @@
 //! shell reads the Secret, carries out the one action, and loops on the object the status write
 //! returned (so a stale cache never decides anything: status writes carry a resourceVersion
 //! precondition and a conflict simply retries).
+//!
+//! Watch events for versions a reconcile has already read or written (the echo of its own writes,
+//! a re-list's unchanged objects) start no reconcile: [`seen`].
 
 mod cleanup;
 mod error;
 mod events;
 mod restart;
 pub mod secret;
+mod seen;
 pub mod status;
 mod wakeups;
 
@@ -56,6 +60,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Reconciles asked for at a time.
     wakeups: Arc<wakeups::Wakeups>,
+    /// ApiToken and Secret versions already acted on: their watch events start no reconcile.
+    seen_tokens: Arc<seen::Versions>,
+    seen_secrets: Arc<seen::Versions>,
 }
 
 impl Context {
@@ -67,7 +74,8 @@ impl Context {
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
         let events = events::Publisher::new(client.clone(), MANAGER.into(), instance);
-        Self { client, events, policies, metrics, wakeups }
+        let (seen_tokens, seen_secrets) = (Arc::default(), Arc::default());
+        Self { client, events, policies, metrics, wakeups, seen_tokens, seen_secrets }
     }
 }
 
@@ -101,12 +109,14 @@ pub async fn run(
             at.metadata.managed_fields = None;
             at.annotations_mut().remove(LAST_APPLIED);
         })
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
+    // The echo of our own writes and a re-list's unchanged objects start no reconcile.
+    let objects = seen::unseen(objects, ctx.seen_tokens.clone()).touched_objects();
+    let owned_secrets = seen::unseen(watcher(secrets, owned), ctx.seen_secrets.clone()).touched_objects();
     let controller = Controller::for_stream(objects, store)
         .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
         .trigger_backoff(crate::backoff::Bounded::watches())
-        .owns(secrets, owned)
+        .owns_stream(owned_secrets)
         // A policy or namespace label change re-evaluates every token.
         .reconcile_all_on(policies.changes())
         .reconcile_on(wakeups.due().map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
@@ -151,9 +161,12 @@ async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Err
 
 async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error> {
     let mut obj = obj.clone();
+    let mut known = None;
     for _ in 0..MAX_STEPS {
-        match Box::pin(step(&obj, ctx)).await? {
-            Step::Continue(updated) => obj = *updated,
+        // The version this step acts on: a watch event for it later would be no news.
+        ctx.seen_tokens.record_object(&obj);
+        match Box::pin(step(&obj, known.take(), ctx)).await? {
+            Step::Continue(updated, secret) => (obj, known) = (*updated, secret),
             Step::Done(wake) => {
                 // Sleep until `wake`, or until something changes.
                 if let Some(at) = wake {
@@ -167,7 +180,9 @@ async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error
 }
 
 enum Step {
-    Continue(Box<ApiToken>),
+    /// Another step on the object as written, with the Secret as this step left it (when known:
+    /// written or read and left alone), so the next step need not read it again.
+    Continue(Box<ApiToken>, Option<Box<Secret>>),
     Done(Option<Timestamp>),
 }
 
@@ -186,7 +201,7 @@ fn spec_input(obj: &ApiToken) -> SpecInput<'_> {
     }
 }
 
-async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
+async fn step(obj: &ApiToken, known: Option<Box<Secret>>, ctx: &Context) -> Result<Step, Error> {
     let ns = obj.namespace().ok_or(Error::MissingNamespace)?;
     let tokens: Api<ApiToken> = Api::namespaced(ctx.client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -237,12 +252,10 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
     // Observe the Secret: the one holding the token now, and the one the spec names.
     let wanted_name = secret::desired_name(obj);
     let current_name = status.secret_name.clone().unwrap_or_else(|| wanted_name.clone());
-    let existing = secrets.get_opt(&current_name).await?;
-    let mut observed = vec![existing.clone()];
-    if wanted_name != current_name {
-        observed.push(secrets.get_opt(&wanted_name).await?);
-    }
-    if let Some(foreign) = observed.into_iter().flatten().find(|s| !secret::owned_by(s, obj)) {
+    let (existing, wanted) = observe_secrets(ctx, &secrets, known, &current_name, &wanted_name).await?;
+    if let Some(foreign) =
+        [existing.as_ref(), wanted.as_ref()].into_iter().flatten().find(|s| !secret::owned_by(s, obj))
+    {
         let message = format!(
             "Secret {} exists and is not controlled by this ApiToken; the operator will not overwrite it. \
              Delete it or set spec.secret.name to another name",
@@ -292,9 +305,30 @@ async fn step(obj: &ApiToken, ctx: &Context) -> Result<Step, Error> {
         now,
         wanted_name,
         current_name,
+        existing,
         noncompliance,
     };
     Box::pin(apply(obj, ctx, obs, action)).await
+}
+
+/// The Secrets named `current` and (when it differs) `wanted`. `known` is the Secret as the
+/// previous step left it, if it knows.
+async fn observe_secrets(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    known: Option<Box<Secret>>,
+    current: &str,
+    wanted: &str,
+) -> Result<(Option<Secret>, Option<Secret>), Error> {
+    let existing = match known.filter(|s| s.metadata.name.as_deref() == Some(current)) {
+        Some(s) => Some(*s),
+        None => secrets.get_opt(current).await?,
+    };
+    let other = if wanted == current { None } else { secrets.get_opt(wanted).await? };
+    for s in [&existing, &other].into_iter().flatten() {
+        ctx.seen_secrets.record_object(s);
+    }
+    Ok((existing, other))
 }
 
 fn writes_secret(action: &Action) -> bool {
@@ -361,6 +395,8 @@ struct Observed {
     now: Timestamp,
     wanted_name: String,
     current_name: String,
+    /// The Secret named `current_name`, as read.
+    existing: Option<Secret>,
     /// Policy violations of an issued token (it keeps working until its next rotation).
     noncompliance: Option<String>,
 }
@@ -380,6 +416,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         now,
         wanted_name,
         current_name,
+        existing,
         noncompliance,
     } = o;
     // The status that records `c`, everything else as observed.
@@ -399,7 +436,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                     obj.spec.rotation.enabled,
                 );
             } else {
-                write_status(&ctx.metrics, &tokens, obj, new_status).await?;
+                write_status(ctx, &tokens, obj, new_status).await?;
             }
             if current.phase == plan::Phase::Active
                 && let Some(id) = &current.token_id
@@ -416,7 +453,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
         {
             let new_status = status_of(&current);
             if new_status != status {
-                write_status(&ctx.metrics, &tokens, obj, new_status).await?;
+                write_status(ctx, &tokens, obj, new_status).await?;
             }
             if matches!(reason, plan::RotateReason::Trigger | plan::RotateReason::Annotation) {
                 let message = format!(
@@ -441,14 +478,25 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             let next = plan::next_state(&action, &desired, &current, state, now, Some(m));
             // Status first: every verifier accepts the new hash before anyone can read the token.
             let new_status = status_of(&next);
-            let updated = write_status(&ctx.metrics, &tokens, obj, new_status).await?;
-            if let Err(e) =
-                write_secret(&secrets, &updated, &wanted_name, &minted.plaintext, &next, &desired).await
+            let updated = write_status(ctx, &tokens, obj, new_status).await?;
+            let written = match write_secret(
+                &secrets,
+                &ctx.seen_secrets,
+                &updated,
+                &wanted_name,
+                &minted.plaintext,
+                &next,
+                &desired,
+            )
+            .await
             {
-                // Nobody holds the new token: back to what was there (consumers keep theirs).
-                let revert = Revert { status: &status, current: &current };
-                return secret_write_failed(&updated, ctx, &tokens, &desired, Some(revert), e).await;
-            }
+                Ok(written) => written,
+                Err(e) => {
+                    // Nobody holds the new token: back to what was there (consumers keep theirs).
+                    let revert = Revert { status: &status, current: &current };
+                    return secret_write_failed(&updated, ctx, &tokens, &desired, Some(revert), e).await;
+                }
+            };
             remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             let (type_, reason, note) = match action {
                 Action::Issue => (
@@ -485,7 +533,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             };
             info!(reason, token = %minted.display, "token written");
             publish(ctx, obj, type_, reason, note).await;
-            Ok(Step::Continue(Box::new(updated)))
+            Ok(Step::Continue(Box::new(updated), Some(Box::new(written))))
         }
         Action::UpdateMetadata => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
@@ -493,11 +541,23 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
             let updated = if new_status == status {
                 obj.clone()
             } else {
-                write_status(&ctx.metrics, &tokens, obj, new_status).await?
+                write_status(ctx, &tokens, obj, new_status).await?
             };
+            let mut written = None;
             if let Some(token) = &stored {
-                if let Err(e) = write_secret(&secrets, &updated, &wanted_name, token, &next, &desired).await {
-                    return secret_write_failed(&updated, ctx, &tokens, &desired, None, e).await;
+                match write_secret(
+                    &secrets,
+                    &ctx.seen_secrets,
+                    &updated,
+                    &wanted_name,
+                    token,
+                    &next,
+                    &desired,
+                )
+                .await
+                {
+                    Ok(w) => written = Some(Box::new(w)),
+                    Err(e) => return secret_write_failed(&updated, ctx, &tokens, &desired, None, e).await,
                 }
                 remove_old_secret(&secrets, &current_name, &wanted_name).await?;
             }
@@ -511,11 +571,11 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 )
                 .await;
             }
-            Ok(Step::Continue(Box::new(updated)))
+            Ok(Step::Continue(Box::new(updated), written))
         }
         Action::RetirePrevious => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
+            let updated = write_status(ctx, &tokens, obj, status_of(&next)).await?;
             if current.previous_leaked() {
                 let note = format!(
                     "the previous token was reported leaked{}; it is rejected at once (its grace period is cut short); the current token {} is not affected",
@@ -533,11 +593,12 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 )
                 .await;
             }
-            Ok(Step::Continue(Box::new(updated)))
+            // The Secret is as read: retiring the previous token does not touch it.
+            Ok(Step::Continue(Box::new(updated), existing.map(Box::new)))
         }
         Action::Withdraw => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
+            let updated = write_status(ctx, &tokens, obj, status_of(&next)).await?;
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
@@ -547,11 +608,11 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 leak_origin(&status, current.token_hash.as_deref())
             );
             publish(ctx, obj, EventType::Warning, status::COMPROMISED, note).await;
-            Ok(Step::Continue(Box::new(updated)))
+            Ok(Step::Continue(Box::new(updated), None))
         }
         Action::Expire | Action::Revoke => {
             let next = plan::next_state(&action, &desired, &current, state, now, None);
-            let updated = write_status(&ctx.metrics, &tokens, obj, status_of(&next)).await?;
+            let updated = write_status(ctx, &tokens, obj, status_of(&next)).await?;
             for n in [&current_name, &wanted_name] {
                 delete_secret(&secrets, n).await?;
             }
@@ -573,7 +634,7 @@ async fn apply(obj: &ApiToken, ctx: &Context, o: Observed, action: Action) -> Re
                 )
             };
             publish(ctx, obj, type_, reason, note).await;
-            Ok(Step::Continue(Box::new(updated)))
+            Ok(Step::Continue(Box::new(updated), None))
         }
     }
 }
@@ -618,7 +679,7 @@ async fn fail(
     s.conditions = status::merge_conditions(&old.conditions, want, obj.metadata.generation, now);
     s.observed_generation = obj.metadata.generation;
     if s != *old {
-        write_status(&ctx.metrics, tokens, obj, s).await?;
+        write_status(ctx, tokens, obj, s).await?;
         warn!(reason, message, "cannot issue");
         publish(ctx, obj, EventType::Warning, reason, message).await;
     }
@@ -696,7 +757,7 @@ fn leak_origin(status: &ApiTokenStatus, hash: Option<&str>) -> String {
 
 /// Replaces the status, on the condition that nobody changed the object since we read it.
 async fn write_status(
-    metrics: &Metrics,
+    ctx: &Context,
     tokens: &Api<ApiToken>,
     obj: &ApiToken,
     status: ApiTokenStatus,
@@ -710,7 +771,9 @@ async fn write_status(
     let pp = PostParams { field_manager: Some(MANAGER.into()), ..PostParams::default() };
     match tokens.replace_status(&obj.name_any(), &pp, &o).await {
         Ok(updated) => {
-            metrics.observe_token(key, phase, expires, obj.spec.rotation.enabled);
+            ctx.metrics.observe_token(key, phase, expires, obj.spec.rotation.enabled);
+            // This reconcile carries on from (or ends with) what it wrote: the echo is no news.
+            ctx.seen_tokens.record_object(&updated);
             Ok(updated)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
@@ -720,12 +783,13 @@ async fn write_status(
 
 async fn write_secret(
     secrets: &Api<Secret>,
+    seen: &seen::Versions,
     owner: &ApiToken,
     name: &str,
     token: &Plaintext,
     next: &Current,
     d: &Desired,
-) -> Result<(), Error> {
+) -> Result<Secret, Error> {
     let id = next.token_id.as_deref().unwrap_or_default();
     let rendered = secret::render(
         owner,
@@ -738,7 +802,10 @@ async fn write_secret(
     let result = secrets.patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body)).await;
     // Error text from a write carrying the token keeps none of the values it carried.
     let values: Vec<&[u8]> = rendered.data.iter().flat_map(|d| d.values().map(|v| v.0.as_slice())).collect();
-    result.map(|_| ()).map_err(|e| Error::secret_write(&e, &values))
+    let written = result.map_err(|e| Error::secret_write(&e, &values))?;
+    // The next step reads it back; its watch event is no news.
+    seen.record_object(&written);
+    Ok(written)
 }
 
 async fn delete_secret(secrets: &Api<Secret>, name: &str) -> Result<(), Error> {
