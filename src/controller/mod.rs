@@ -8,6 +8,7 @@
 //! Watch events for versions a reconcile has already read or written (the echo of its own writes,
 //! a re-list's unchanged objects) start no reconcile: [`seen`].
 
+mod arrivals;
 mod cleanup;
 mod error;
 mod events;
@@ -50,8 +51,6 @@ const MAX_STEPS: usize = 8;
 /// Reconciles in flight at once. Unbounded, a re-list of 10,000 tokens started all of them at
 /// once: thousands of API connections and a re-list peak of 6x the steady memory (2x at 64).
 const MAX_CONCURRENT_RECONCILES: u16 = 64;
-/// kubectl's client-side-apply copy of the whole object.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 pub struct Context {
     pub client: Client,
@@ -63,6 +62,8 @@ pub struct Context {
     /// ApiToken and Secret versions already acted on: their watch events start no reconcile.
     seen_tokens: Arc<seen::Versions>,
     seen_secrets: Arc<seen::Versions>,
+    /// Whole ApiTokens from the watch, until their reconcile takes them (the cache names them).
+    arrivals: Arc<arrivals::Arrivals>,
 }
 
 impl Context {
@@ -74,8 +75,8 @@ impl Context {
     ) -> Self {
         let instance = std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok());
         let events = events::Publisher::new(client.clone(), MANAGER.into(), instance);
-        let (seen_tokens, seen_secrets) = (Arc::default(), Arc::default());
-        Self { client, events, policies, metrics, wakeups, seen_tokens, seen_secrets }
+        let (seen_tokens, seen_secrets, arrivals) = (Arc::default(), Arc::default(), Arc::default());
+        Self { client, events, policies, metrics, wakeups, seen_tokens, seen_secrets, arrivals }
     }
 }
 
@@ -99,19 +100,14 @@ pub async fn run(
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
     let cleanup =
         cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics, wakeups.clone());
-    // The controller's cache holds every ApiToken: keep it lean. managedFields and kubectl's
-    // last-applied annotation are most of an object's size and nothing here reads them.
+    // The controller's cache names every ApiToken; whole objects wait only until their
+    // reconcile (arrivals). The echo of our own writes and a re-list's unchanged objects start no
+    // reconcile (seen).
     let (store, writer) = reflector::store();
     // Paginated lists (the default), not one response holding every object (`any_semantic`).
-    let objects = watcher(tokens, watcher::Config::default())
-        .backoff(crate::backoff::Bounded::watches())
-        .modify(|at: &mut ApiToken| {
-            at.metadata.managed_fields = None;
-            at.annotations_mut().remove(LAST_APPLIED);
-        })
-        .reflect(writer);
-    // The echo of our own writes and a re-list's unchanged objects start no reconcile.
-    let objects = seen::unseen(objects, ctx.seen_tokens.clone()).touched_objects();
+    let events = watcher(tokens, watcher::Config::default()).backoff(crate::backoff::Bounded::watches());
+    let names = arrivals::names(events, ctx.arrivals.clone(), ctx.seen_tokens.clone()).reflect(writer);
+    let objects = arrivals::waiting_only(names, ctx.arrivals.clone()).touched_objects();
     let owned_secrets = seen::unseen(watcher(secrets, owned), ctx.seen_secrets.clone()).touched_objects();
     let controller = Controller::for_stream(objects, store)
         .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
@@ -136,7 +132,7 @@ pub async fn run(
 }
 
 #[allow(clippy::needless_pass_by_value)] // the signature kube-runtime calls
-fn error_policy(obj: Arc<ApiToken>, err: &Error, _ctx: Arc<Context>) -> Requeue {
+fn error_policy(obj: Arc<PartialObjectMeta<ApiToken>>, err: &Error, _ctx: Arc<Context>) -> Requeue {
     if let Error::Conflict = err {
         return Requeue::requeue(Duration::from_millis(100));
     }
@@ -145,11 +141,15 @@ fn error_policy(obj: Arc<ApiToken>, err: &Error, _ctx: Arc<Context>) -> Requeue 
 }
 
 #[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
-async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+async fn reconcile(obj: Arc<PartialObjectMeta<ApiToken>>, ctx: Arc<Context>) -> Result<Requeue, Error> {
     let started = std::time::Instant::now();
+    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
     // This reconcile consumes the token's pending wake-up, as kube's scheduler would.
-    ctx.wakeups.cancel(&(obj.namespace().unwrap_or_default(), obj.name_any()));
-    let result = Box::pin(reconcile_steps(&obj, &ctx)).await;
+    ctx.wakeups.cancel(&(ns.clone(), name.clone()));
+    let result = match ctx.arrivals.take(&ns, &name) {
+        Some(obj) => Box::pin(reconcile_steps(&obj, &ctx)).await,
+        None => Box::pin(reconcile_fresh(&ns, &name, &ctx)).await,
+    };
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = match &result {
         Ok(_) => "ok",
@@ -157,6 +157,15 @@ async fn reconcile(obj: Arc<ApiToken>, ctx: Arc<Context>) -> Result<Requeue, Err
     };
     ctx.metrics.reconciles.get_or_create(&crate::metrics::ReconcileLabels { result: label }).inc();
     result
+}
+
+/// Reads the ApiToken and reconciles it; gone: nothing to do (its Secret is cleanup's).
+async fn reconcile_fresh(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+    let tokens: Api<ApiToken> = Api::namespaced(ctx.client.clone(), ns);
+    match tokens.get_opt(name).await? {
+        Some(obj) => Box::pin(reconcile_steps(&obj, ctx)).await,
+        None => Ok(Requeue::await_change()),
+    }
 }
 
 async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error> {
