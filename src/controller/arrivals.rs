@@ -1,12 +1,12 @@
-//! The controller's cache names every ApiToken (name, namespace, resourceVersion) and holds a
-//! whole object only from its watch event until a reconcile takes it.
+//! The controller's cache names every ApiToken (name and namespace) and holds a whole object only
+//! from its watch event until a reconcile takes it.
 //!
 //! Whole cached objects, status and conditions included, were the largest part of the operator's
 //! memory (about 2.7 KB a token, heaptrack at 10,000 tokens) and a reconcile reads them once. A
-//! reconcile with nothing waiting here (a timed wake-up, a policy change, a Secret event) reads
-//! the object from the API server instead.
+//! reconcile with nothing waiting here (a timed wake-up, a policy change, a Secret event, or an
+//! event beyond [`MAX_WAITING`]) reads the object from the API server instead.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::Mutex;
 
@@ -21,48 +21,72 @@ use crate::api::ApiToken;
 
 type Key = (String, String);
 
+/// Whole objects held at most: what a start-up list or a burst of thousands of new tokens
+/// brings at once is not held whole (about 1 KB each); past this many, a reconcile reads its own.
+const MAX_WAITING: usize = 4096;
+
 fn key_of(obj: &impl Resource) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 #[derive(Default)]
 pub struct Arrivals {
-    waiting: Mutex<HashMap<Key, ApiToken>>,
+    waiting: Mutex<Waiting>,
+}
+
+/// Tokens whose new version no reconcile has taken yet: with the object, or (past
+/// [`MAX_WAITING`]) without.
+#[derive(Default)]
+struct Waiting {
+    objects: HashMap<Key, ApiToken>,
+    names: HashSet<Key>,
 }
 
 impl Arrivals {
-    /// The object a watch event brought for `namespace/name`, if no reconcile has taken it yet.
+    /// The object a watch event brought for `namespace/name`, if no reconcile has taken it yet
+    /// and it was kept.
     pub fn take(&self, namespace: &str, name: &str) -> Option<ApiToken> {
-        self.waiting.lock().expect("arrivals lock").remove(&(namespace.to_string(), name.to_string()))
+        let key = (namespace.to_string(), name.to_string());
+        let mut w = self.waiting.lock().expect("arrivals lock");
+        w.names.remove(&key);
+        w.objects.remove(&key)
     }
 
     fn put(&self, obj: ApiToken) {
-        self.waiting.lock().expect("arrivals lock").insert(key_of(&obj), obj);
+        let key = key_of(&obj);
+        let mut w = self.waiting.lock().expect("arrivals lock");
+        if w.objects.len() < MAX_WAITING || w.objects.contains_key(&key) {
+            w.objects.insert(key, obj);
+        } else {
+            w.names.insert(key);
+        }
     }
 
     fn forget(&self, obj: &impl Resource) {
-        self.waiting.lock().expect("arrivals lock").remove(&key_of(obj));
+        let key = key_of(obj);
+        let mut w = self.waiting.lock().expect("arrivals lock");
+        w.names.remove(&key);
+        w.objects.remove(&key);
     }
 
     fn is_waiting(&self, obj: &impl Resource) -> bool {
-        self.waiting.lock().expect("arrivals lock").contains_key(&key_of(obj))
+        let key = key_of(obj);
+        let w = self.waiting.lock().expect("arrivals lock");
+        w.objects.contains_key(&key) || w.names.contains(&key)
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
-        self.waiting.lock().expect("arrivals lock").len()
+    fn len(&self) -> (usize, usize) {
+        let w = self.waiting.lock().expect("arrivals lock");
+        (w.objects.len(), w.names.len())
     }
 }
 
 /// What the cache keeps of an ApiToken.
 fn name_of(obj: &ApiToken) -> PartialObjectMeta<ApiToken> {
     let m = obj.meta();
-    let metadata = ObjectMeta {
-        name: m.name.clone(),
-        namespace: m.namespace.clone(),
-        resource_version: m.resource_version.clone(),
-        ..ObjectMeta::default()
-    };
+    let metadata =
+        ObjectMeta { name: m.name.clone(), namespace: m.namespace.clone(), ..ObjectMeta::default() };
     PartialObjectMeta { types: None, metadata, _phantom: PhantomData }
 }
 
@@ -162,16 +186,30 @@ mod tests {
             .filter_map(|e| match e {
                 watcher::Event::InitApply(m) | watcher::Event::Apply(m) | watcher::Event::Delete(m) => {
                     assert!(m.metadata.labels.is_none(), "names only");
-                    Some(format!("{}@{}", m.name_any(), m.resource_version().unwrap()))
+                    Some(m.name_any())
                 }
                 _ => None,
             })
             .collect();
-        assert_eq!(names, ["a@1", "b@5", "b@6", "c@7", "c@8"], "the cache hears of every object");
+        assert_eq!(names, ["a", "b", "b", "c", "c"], "the cache hears of every object");
         assert!(arrivals.take("team", "a").is_none(), "a seen version is not kept for a reconcile");
         let b = arrivals.take("team", "b").expect("b waits for its reconcile");
         assert_eq!(b.spec.rotation.trigger.as_deref(), Some("two"), "the newest");
         assert!(arrivals.take("team", "b").is_none(), "taken once");
-        assert_eq!(arrivals.len(), 0, "a deleted object's arrival is dropped");
+        assert_eq!(arrivals.len(), (0, 0), "a deleted object's arrival is dropped");
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_a_new_version_is_named_without_its_object() {
+        let (arrivals, seen) = (Arc::new(Arrivals::default()), Arc::new(Versions::default()));
+        let n = MAX_WAITING + 2;
+        let events = (0..n).map(|i| Ok(watcher::Event::Apply(token(&format!("t{i}"), "1", "one"))));
+        let names: Vec<_> = names(futures::stream::iter(events), arrivals.clone(), seen).collect().await;
+        let triggers = waiting_only(futures::stream::iter(names), arrivals.clone()).count().await;
+        assert_eq!(triggers, n, "every new version still starts a reconcile");
+        assert_eq!(arrivals.len(), (MAX_WAITING, 2));
+        assert!(arrivals.take("team", "t0").is_some(), "kept whole");
+        assert!(arrivals.take("team", &format!("t{}", n - 1)).is_none(), "named only: read by its reconcile");
+        assert!(!arrivals.is_waiting(&token(&format!("t{}", n - 1), "1", "one")), "taken");
     }
 }
