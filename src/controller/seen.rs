@@ -14,8 +14,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
 use futures::{Stream, StreamExt};
+use kube::Resource;
 use kube::runtime::watcher;
-use kube::{Resource, ResourceExt};
 
 #[derive(Default)]
 pub struct Versions {
@@ -25,35 +25,42 @@ pub struct Versions {
 
 impl Versions {
     /// `version` of `namespace/name` has been acted on (`None`: nothing known, forget it).
+    #[cfg(test)]
     pub fn record(&self, namespace: &str, name: &str, version: Option<&str>) {
-        let key = self.hasher.hash_one((namespace, name));
+        self.set(self.hasher.hash_one((namespace, name)), version);
+    }
+
+    /// Records the version `obj` carries.
+    pub fn record_object<K: Resource>(&self, obj: &K) {
+        self.set(self.key_of(obj), obj.meta().resource_version.as_deref());
+    }
+
+    /// Has this version of `obj` been acted on already?
+    pub fn has_seen<K: Resource>(&self, obj: &K) -> bool {
+        let Some(version) = obj.meta().resource_version.as_deref() else {
+            return false;
+        };
+        self.seen.lock().expect("seen lock").get(&self.key_of(obj)) == Some(&self.hasher.hash_one(version))
+    }
+
+    pub fn forget<K: Resource>(&self, obj: &K) {
+        self.set(self.key_of(obj), None);
+    }
+
+    fn key_of<K: Resource>(&self, obj: &K) -> u64 {
+        let meta = obj.meta();
+        self.hasher.hash_one((
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.name.as_deref().unwrap_or_default(),
+        ))
+    }
+
+    fn set(&self, key: u64, version: Option<&str>) {
         let mut seen = self.seen.lock().expect("seen lock");
         match version {
             Some(v) => seen.insert(key, self.hasher.hash_one(v)),
             None => seen.remove(&key),
         };
-    }
-
-    /// Records the version `obj` carries.
-    pub fn record_object<K: Resource>(&self, obj: &K) {
-        let meta = obj.meta();
-        let ns = meta.namespace.as_deref().unwrap_or_default();
-        self.record(ns, meta.name.as_deref().unwrap_or_default(), meta.resource_version.as_deref());
-    }
-
-    /// Has this version of `obj` been acted on already?
-    pub fn has_seen<K: Resource>(&self, obj: &K) -> bool {
-        let meta = obj.meta();
-        let Some(version) = meta.resource_version.as_deref() else {
-            return false;
-        };
-        let key = self.hasher.hash_one((meta.namespace.as_deref().unwrap_or_default(), obj.name_any()));
-        self.seen.lock().expect("seen lock").get(&key) == Some(&self.hasher.hash_one(version))
-    }
-
-    pub fn forget<K: Resource>(&self, obj: &K) {
-        let meta = obj.meta();
-        self.record(meta.namespace.as_deref().unwrap_or_default(), &obj.name_any(), None);
     }
 
     #[cfg(test)]
@@ -85,6 +92,7 @@ where
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::Secret;
+    use kube::ResourceExt;
     use kube::api::ObjectMeta;
     use std::sync::Arc;
 
