@@ -124,8 +124,14 @@ async fn a_partitioned_replica_relists_after_etcd_restart_and_serves_nothing_sta
     // that held up the index's own list).
     let reconciled = |name: &str| {
         let line = format!("reconciled name=\"{name}\"");
-        log.lines().skip(lines_at_heal).filter(|l| l.contains(&line)).count()
+        op.log_text().lines().skip(lines_at_heal).filter(|l| l.contains(&line)).count()
     };
+    // The rotation's reconcile logs "reconciled" when its last step is done, which may be just
+    // after the Secret showed the new token.
+    wait_for("the changed token's reconcile to finish", T, || async {
+        (reconciled("turned") > 0).then_some(())
+    })
+    .await;
     println!("reconciles after the re-list: idle {}, turned {}", reconciled("idle"), reconciled("turned"));
     assert!(reconciled("turned") > 0, "the changed token is reconciled (the log shows reconciles)");
     assert_eq!(reconciled("idle"), 0, "the unchanged token is not reconciled again after the re-list");
