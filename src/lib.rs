@@ -15,4 +15,5 @@ pub mod metrics;
 pub mod policy_status;
 pub mod policy_view;
 pub mod run;
+pub mod token_feed;
 pub mod verify;

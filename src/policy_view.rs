@@ -16,6 +16,7 @@ use tracing::warn;
 
 use crate::api::{ApiToken, ApiTokenPolicy, ApiTokenPolicyStatus, Phase, SELECTOR_OPERATORS};
 use crate::core::policy::{self, Counts, Policy, PolicyInput, is_label_key, is_label_name};
+use crate::token_feed::TokenFeed;
 
 /// Annotation the mutating webhook sets to the requesting user on create.
 pub const CREATED_BY_ANNOTATION: &str = "apitoken.dev/created-by";
@@ -57,16 +58,20 @@ impl PolicyView {
     /// Starts the watches (driven by the returned future, which runs forever), counting the
     /// ApiTokens of every namespace.
     pub fn start(client: &Client) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        Self::start_in(client, None)
+        let (feed, tokens) = TokenFeed::start(client.clone(), None);
+        let (view, drive) = Self::start_in(client, &feed);
+        (view, async move {
+            tokio::join!(tokens, drive);
+        })
     }
 
-    /// As [`Self::start`]; with `namespace` (`--namespace`) the census watches ApiTokens in that
-    /// namespace only. Policies and namespace labels stay cluster-wide reads (both are
-    /// cluster-scoped).
+    /// As [`Self::start`], counting the ApiTokens of `feed` (the replica's one ApiToken watch, of
+    /// `--namespace` when it is set). Policies and namespace labels stay cluster-wide reads (both
+    /// are cluster-scoped).
     pub fn start_in(
         client: &Client,
-        namespace: Option<&str>,
-    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        feed: &TokenFeed,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static + use<>) {
         let (policies, pw) = reflector::store();
         let (namespaces, nw) = reflector::store();
         let census = Arc::new(RwLock::new(HashMap::new()));
@@ -83,12 +88,6 @@ impl PolicyView {
             watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default()),
         )
         .backoff(crate::backoff::Bounded::watches());
-        let token_api: Api<ApiToken> = match namespace {
-            Some(ns) => Api::namespaced(client.clone(), ns),
-            None => Api::all(client.clone()),
-        };
-        let tokens =
-            watcher(token_api, watcher::Config::default()).backoff(crate::backoff::Bounded::watches());
         let (sink, mut building) = (census.clone(), CensusSink::default());
         let tx2 = tx.clone();
         let (touch1, touch2, touch3) = (touched.clone(), touched.clone(), touched.clone());
@@ -98,6 +97,11 @@ impl PolicyView {
         // nothing by itself; only a difference re-evaluates every token.
         let mut generations = Fingerprints::default();
         let mut labels = Fingerprints::default();
+        feed.listen(move |e| {
+            building.apply(&sink, e);
+            bump(&touch3);
+            true
+        });
         let drive = async move {
             let policies = policy_events.for_each(move |e| {
                 if let Err(e) = &e {
@@ -118,12 +122,7 @@ impl PolicyView {
                 }
                 async {}
             });
-            let census_task = tokens.for_each(move |e| {
-                building.apply(&sink, e);
-                bump(&touch3);
-                async {}
-            });
-            tokio::join!(policies, namespaces, census_task);
+            tokio::join!(policies, namespaces);
         };
         (Self { policies, namespaces, census, changed, touched }, drive)
     }
@@ -427,7 +426,7 @@ impl CensusSink {
     fn apply(
         &mut self,
         census: &RwLock<HashMap<(String, String), CensusEntry>>,
-        event: Result<watcher::Event<ApiToken>, watcher::Error>,
+        event: &watcher::Event<ApiToken>,
     ) {
         let entry = |at: &ApiToken| CensusEntry {
             creator: at.annotations().get(CREATED_BY_ANNOTATION).cloned(),
@@ -436,20 +435,19 @@ impl CensusSink {
         };
         let key = |at: &ApiToken| (at.namespace().unwrap_or_default(), at.name_any());
         match event {
-            Ok(watcher::Event::Init) => self.building = Some(HashMap::new()),
-            Ok(watcher::Event::InitApply(at)) => {
-                self.building.get_or_insert_default().insert(key(&at), entry(&at));
+            watcher::Event::Init => self.building = Some(HashMap::new()),
+            watcher::Event::InitApply(at) => {
+                self.building.get_or_insert_default().insert(key(at), entry(at));
             }
-            Ok(watcher::Event::InitDone) => {
+            watcher::Event::InitDone => {
                 *census.write().expect("census lock") = self.building.take().unwrap_or_default();
             }
-            Ok(watcher::Event::Apply(at)) => {
-                census.write().expect("census lock").insert(key(&at), entry(&at));
+            watcher::Event::Apply(at) => {
+                census.write().expect("census lock").insert(key(at), entry(at));
             }
-            Ok(watcher::Event::Delete(at)) => {
-                census.write().expect("census lock").remove(&key(&at));
+            watcher::Event::Delete(at) => {
+                census.write().expect("census lock").remove(&key(at));
             }
-            Err(e) => warn!(error = %e, "ApiToken census watch failed; retrying"),
         }
     }
 }
@@ -577,18 +575,18 @@ mod tests {
         let census = RwLock::new(HashMap::new());
         let mut sink = CensusSink::default();
         for e in [watcher::Event::Init, watcher::Event::InitApply(token("a")), watcher::Event::InitDone] {
-            sink.apply(&census, Ok(e));
+            sink.apply(&census, &e);
         }
-        sink.apply(&census, Ok(watcher::Event::Apply(token("b"))));
+        sink.apply(&census, &watcher::Event::Apply(token("b")));
         assert_eq!(census.read().unwrap().len(), 2);
         // Re-list: until InitDone the quota still counts both.
-        sink.apply(&census, Ok(watcher::Event::Init));
-        sink.apply(&census, Ok(watcher::Event::InitApply(token("b"))));
+        sink.apply(&census, &watcher::Event::Init);
+        sink.apply(&census, &watcher::Event::InitApply(token("b")));
         assert_eq!(census.read().unwrap().len(), 2);
-        sink.apply(&census, Ok(watcher::Event::InitDone));
+        sink.apply(&census, &watcher::Event::InitDone);
         let now: Vec<_> = census.read().unwrap().keys().map(|(_, n)| n.clone()).collect();
         assert_eq!(now, vec!["b".to_string()], "a is gone after the list");
-        sink.apply(&census, Ok(watcher::Event::Delete(token("b"))));
+        sink.apply(&census, &watcher::Event::Delete(token("b")));
         assert!(census.read().unwrap().is_empty());
     }
 }

@@ -175,3 +175,89 @@ async fn garbage_collection_removes_an_owned_child() {
     .await;
     ns.cleanup().await;
 }
+
+/// The replica's one ApiToken watch (`token_feed`): a listener that joins after the list has
+/// delivered objects gets a list of its own with every object, the listeners already there see
+/// that list too, and a listener that wants no more is called no more.
+#[tokio::test]
+async fn one_token_watch_gives_a_late_listener_every_object() {
+    use apitoken_operator::api::{ApiToken, ApiTokenSpec};
+    use apitoken_operator::token_feed::TokenFeed;
+    use std::sync::{Arc, Mutex};
+
+    support::operator::install_crds().await;
+    let ns = TestNamespace::new("feed").await;
+    let tokens: Api<ApiToken> = ns.api();
+    let create = |name: &str| {
+        let (tokens, at) = (tokens.clone(), ApiToken::new(name, ApiTokenSpec::default()));
+        async move { tokens.create(&PostParams::default(), &at).await.unwrap() }
+    };
+    for name in ["a", "b", "c"] {
+        create(name).await;
+    }
+    let (feed, drive) = TokenFeed::start(ns.client.clone(), Some(&ns.name));
+    let describe = |e: &watcher::Event<ApiToken>| match e {
+        watcher::Event::Init => "init".to_string(),
+        watcher::Event::InitApply(t) => format!("list {}", t.metadata.name.clone().unwrap_or_default()),
+        watcher::Event::InitDone => "done".to_string(),
+        watcher::Event::Apply(t) => format!("apply {}", t.metadata.name.clone().unwrap_or_default()),
+        watcher::Event::Delete(t) => format!("delete {}", t.metadata.name.clone().unwrap_or_default()),
+    };
+    let first = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = first.clone();
+    feed.listen(move |e| {
+        log.lock().unwrap().push(describe(e));
+        true
+    });
+    let calls = Arc::new(Mutex::new(0));
+    let counted = calls.clone();
+    feed.listen(move |_| {
+        *counted.lock().unwrap() += 1;
+        false
+    });
+    // Both listen before the watch starts: both get its first list.
+    let driven = tokio::spawn(drive);
+    let lines = |v: &Arc<Mutex<Vec<String>>>| v.lock().unwrap().clone();
+    let count = |v: &[String], what: &str| v.iter().filter(|l| *l == what).count();
+    wait_for("the first list", T, || async { (count(&lines(&first), "done") == 1).then_some(()) }).await;
+    let mut listed: Vec<_> = lines(&first).into_iter().filter(|l| l.starts_with("list ")).collect();
+    listed.sort();
+    assert_eq!(listed, ["list a", "list b", "list c"]);
+    create("d").await;
+    wait_for("d's event", T, || async { lines(&first).contains(&"apply d".to_string()).then_some(()) }).await;
+
+    // Joins late: it gets every object in a list of its own, which the first listener sees too.
+    let late = Arc::new(Mutex::new(Vec::<String>::new()));
+    let log = late.clone();
+    let mut stream = Box::pin(feed.subscribe(move |e| Some(describe(e))));
+    let collect = tokio::spawn(async move {
+        while let Some(line) = stream.next().await {
+            log.lock().unwrap().push(line);
+        }
+    });
+    wait_for("the late listener's list", T, || async {
+        lines(&late).contains(&"done".to_string()).then_some(())
+    })
+    .await;
+    let mut listed: Vec<_> = lines(&late).into_iter().filter(|l| l.starts_with("list ")).collect();
+    listed.sort();
+    assert_eq!(listed, ["list a", "list b", "list c", "list d"]);
+    assert_eq!(lines(&late)[0], "init", "a list starts with init: {:?}", lines(&late));
+    assert_eq!(
+        count(&lines(&first), "done"),
+        2,
+        "the first listener saw the second list: {:?}",
+        lines(&first)
+    );
+    tokens.delete("a", &DeleteParams::default()).await.unwrap();
+    wait_for("the delete, to both", T, || async {
+        let both =
+            lines(&first).contains(&"delete a".to_string()) && lines(&late).contains(&"delete a".to_string());
+        both.then_some(())
+    })
+    .await;
+    assert_eq!(*calls.lock().unwrap(), 1, "a listener that returned false is not called again");
+    collect.abort();
+    driven.abort();
+    ns.cleanup().await;
+}

@@ -52,10 +52,15 @@ impl Arrivals {
         w.objects.remove(&key)
     }
 
-    fn put(&self, obj: ApiToken) {
-        let key = key_of(&obj);
+    /// Keeps the object whole while there is room, else its name; copies only what it keeps.
+    fn put(&self, obj: &ApiToken) {
+        let key = key_of(obj);
         let mut w = self.waiting.lock().expect("arrivals lock");
         if w.objects.len() < MAX_WAITING || w.objects.contains_key(&key) {
+            let mut obj = obj.clone();
+            // Most of an object's size, and nothing in a reconcile reads them.
+            obj.metadata.managed_fields = None;
+            obj.annotations_mut().remove(LAST_APPLIED);
             w.objects.insert(key, obj);
         } else {
             w.names.insert(key);
@@ -90,29 +95,23 @@ fn name_of(obj: &ApiToken) -> PartialObjectMeta<ApiToken> {
     PartialObjectMeta { types: None, metadata, _phantom: PhantomData }
 }
 
-/// The ApiToken watch as names for the cache; objects a reconcile will want (versions `seen` has
-/// not recorded) wait in `arrivals`, a deleted one's is dropped.
-pub fn names<S>(
-    events: S,
-    arrivals: std::sync::Arc<Arrivals>,
-    seen: std::sync::Arc<Versions>,
-) -> impl Stream<Item = Result<watcher::Event<PartialObjectMeta<ApiToken>>, watcher::Error>> + Send
-where
-    S: Stream<Item = Result<watcher::Event<ApiToken>, watcher::Error>> + Send,
-{
-    events.map(move |event| {
-        let event = match event? {
-            watcher::Event::Apply(obj) => watcher::Event::Apply(keep(obj, &arrivals, &seen)),
-            watcher::Event::InitApply(obj) => watcher::Event::InitApply(keep(obj, &arrivals, &seen)),
-            watcher::Event::Delete(obj) => {
-                arrivals.forget(&obj);
-                watcher::Event::Delete(name_of(&obj))
-            }
-            watcher::Event::Init => watcher::Event::Init,
-            watcher::Event::InitDone => watcher::Event::InitDone,
-        };
-        Ok(event)
-    })
+/// An ApiToken watch event as names for the cache; an object a reconcile will want (a version
+/// `seen` has not recorded) waits in `arrivals`, a deleted one's is dropped.
+pub fn name_event(
+    event: &watcher::Event<ApiToken>,
+    arrivals: &Arrivals,
+    seen: &Versions,
+) -> watcher::Event<PartialObjectMeta<ApiToken>> {
+    match event {
+        watcher::Event::Apply(obj) => watcher::Event::Apply(keep(obj, arrivals, seen)),
+        watcher::Event::InitApply(obj) => watcher::Event::InitApply(keep(obj, arrivals, seen)),
+        watcher::Event::Delete(obj) => {
+            arrivals.forget(obj);
+            watcher::Event::Delete(name_of(obj))
+        }
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    }
 }
 
 /// The events that start a reconcile: an object waiting in `arrivals` (unless a reconcile running
@@ -133,15 +132,11 @@ where
 /// kubectl's client-side-apply copy of the whole object.
 const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
-fn keep(mut obj: ApiToken, arrivals: &Arrivals, seen: &Versions) -> PartialObjectMeta<ApiToken> {
-    let name = name_of(&obj);
-    if !seen.has_seen(&obj) {
-        // Most of an object's size, and nothing in a reconcile reads them.
-        obj.metadata.managed_fields = None;
-        obj.annotations_mut().remove(LAST_APPLIED);
+fn keep(obj: &ApiToken, arrivals: &Arrivals, seen: &Versions) -> PartialObjectMeta<ApiToken> {
+    if !seen.has_seen(obj) {
         arrivals.put(obj);
     }
-    name
+    name_of(obj)
 }
 
 #[cfg(test)]
@@ -163,16 +158,16 @@ mod tests {
     async fn the_cache_gets_names_and_the_reconcile_the_newest_unseen_object() {
         let (arrivals, seen) = (Arc::new(Arrivals::default()), Arc::new(Versions::default()));
         seen.record_object(&token("a", "1", "one"));
-        let events = futures::stream::iter(vec![
-            Ok(watcher::Event::Init),
-            Ok(watcher::Event::InitApply(token("a", "1", "one"))),
-            Ok(watcher::Event::InitApply(token("b", "5", "one"))),
-            Ok(watcher::Event::InitDone),
-            Ok(watcher::Event::Apply(token("b", "6", "two"))),
-            Ok(watcher::Event::Apply(token("c", "7", "one"))),
-            Ok(watcher::Event::Delete(token("c", "8", "one"))),
-        ]);
-        let out: Vec<_> = names(events, arrivals.clone(), seen).map(Result::unwrap).collect().await;
+        let events = [
+            watcher::Event::Init,
+            watcher::Event::InitApply(token("a", "1", "one")),
+            watcher::Event::InitApply(token("b", "5", "one")),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(token("b", "6", "two")),
+            watcher::Event::Apply(token("c", "7", "one")),
+            watcher::Event::Delete(token("c", "8", "one")),
+        ];
+        let out: Vec<_> = events.iter().map(|e| name_event(e, &arrivals, &seen)).collect();
         let again = futures::stream::iter(out.clone().into_iter().map(Ok));
         let triggers: Vec<_> = waiting_only(again, arrivals.clone()).map(Result::unwrap).collect().await;
         let triggered = |e: &watcher::Event<PartialObjectMeta<ApiToken>>| match e {
@@ -203,8 +198,11 @@ mod tests {
     async fn past_the_limit_a_new_version_is_named_without_its_object() {
         let (arrivals, seen) = (Arc::new(Arrivals::default()), Arc::new(Versions::default()));
         let n = MAX_WAITING + 2;
-        let events = (0..n).map(|i| Ok(watcher::Event::Apply(token(&format!("t{i}"), "1", "one"))));
-        let names: Vec<_> = names(futures::stream::iter(events), arrivals.clone(), seen).collect().await;
+        let names: Vec<_> = (0..n)
+            .map(|i| {
+                Ok(name_event(&watcher::Event::Apply(token(&format!("t{i}"), "1", "one")), &arrivals, &seen))
+            })
+            .collect();
         let triggers = waiting_only(futures::stream::iter(names), arrivals.clone()).count().await;
         assert_eq!(triggers, n, "every new version still starts a reconcile");
         assert_eq!(arrivals.len(), (MAX_WAITING, 2));

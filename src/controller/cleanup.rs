@@ -12,51 +12,72 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, ListParams, Preconditions};
 use kube::core::PartialObjectMeta;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tracing::{info, warn};
 
 use super::secret::{MANAGED_BY, MANAGED_BY_LABEL, NAME_LABEL};
 use crate::api::ApiToken;
+use crate::token_feed::TokenFeed;
 
 /// Secrets per page when sweeping.
 const SWEEP_PAGE: u32 = 500;
 
+/// What the cleanup needs of an ApiToken event.
+enum Seen {
+    ListStarts,
+    Listed(String),
+    ListDone,
+    Deleted { namespace: String, name: String, uid: Option<String> },
+}
+
+fn pick(event: &watcher::Event<ApiToken>) -> Option<Seen> {
+    match event {
+        watcher::Event::Init => Some(Seen::ListStarts),
+        watcher::Event::InitApply(at) => at.uid().map(Seen::Listed),
+        watcher::Event::InitDone => Some(Seen::ListDone),
+        watcher::Event::Delete(at) => Some(Seen::Deleted {
+            namespace: at.namespace().unwrap_or_default(),
+            name: at.name_any(),
+            uid: at.uid(),
+        }),
+        watcher::Event::Apply(_) => None,
+    }
+}
+
 pub async fn remove_secrets_of_deleted_tokens(
     client: Client,
     namespace: Option<String>,
+    feed: TokenFeed,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
     wakeups: std::sync::Arc<super::wakeups::Wakeups>,
 ) {
-    let tokens: Api<PartialObjectMeta<ApiToken>> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
     // UIDs of the ApiTokens seen by the list in progress.
     let mut listed: HashSet<String> = HashSet::new();
-    let mut events =
-        watcher(tokens, watcher::Config::default()).backoff(crate::backoff::Bounded::watches()).boxed();
+    let mut events = std::pin::pin!(feed.subscribe(pick));
     while let Some(event) = events.next().await {
         match event {
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitApply(meta)) => listed.extend(meta.uid()),
-            Ok(watcher::Event::InitDone) => {
+            Seen::ListStarts => listed.clear(),
+            Seen::Listed(uid) => {
+                listed.insert(uid);
+            }
+            Seen::ListDone => {
                 if let Err(e) = sweep(&client, namespace.as_deref(), &listed).await {
                     warn!(error = %e, "sweeping Secrets of deleted ApiTokens failed; the garbage collector will");
                 }
                 listed = HashSet::new();
             }
-            Ok(watcher::Event::Delete(meta)) => {
-                let key = (meta.namespace().unwrap_or_default(), meta.name_any());
+            Seen::Deleted { namespace: ns, name, uid } => {
+                let key = (ns, name);
                 metrics.forget_token(&key);
                 wakeups.cancel(&key);
-                if let (Some(ns), Some(uid)) = (meta.namespace(), meta.uid())
-                    && let Err(e) = remove_owned(&client, &ns, &meta.name_any(), &uid).await
+                let (ns, name) = key;
+                if let Some(uid) = uid
+                    && let Err(e) = remove_owned(&client, &ns, &name, &uid).await
                 {
-                    warn!(namespace = ns, name = meta.name_any(), error = %e, "removing the Secret of a deleted ApiToken failed; the garbage collector will");
+                    warn!(namespace = ns, name, error = %e, "removing the Secret of a deleted ApiToken failed; the garbage collector will");
                 }
             }
-            Ok(watcher::Event::Apply(_)) | Err(_) => {}
         }
     }
 }

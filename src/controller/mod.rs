@@ -43,6 +43,7 @@ use crate::core::policy::{self, Ask};
 use crate::core::token::{self, Plaintext};
 use crate::metrics::Metrics;
 use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
+use crate::token_feed::TokenFeed;
 
 /// Field manager for everything the operator writes.
 pub const MANAGER: &str = "apitoken-operator";
@@ -84,13 +85,14 @@ impl Context {
 pub async fn run(
     client: Client,
     namespace: Option<String>,
+    feed: TokenFeed,
     policies: PolicyView,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let (tokens, secrets): (Api<ApiToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let secrets: Api<PartialObjectMeta<Secret>> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     // Secrets are watched by metadata only: the operator never holds other tokens in a cache.
     let owned =
@@ -98,15 +100,21 @@ pub async fn run(
     let wakeups = Arc::new(wakeups::Wakeups::default());
     let ctx = Arc::new(Context::new(client.clone(), policies.clone(), metrics.clone(), wakeups.clone()));
     info!(namespace = namespace.as_deref().unwrap_or("<all>"), "controller started");
-    let cleanup =
-        cleanup::remove_secrets_of_deleted_tokens(client, namespace.clone(), metrics, wakeups.clone());
+    let cleanup = cleanup::remove_secrets_of_deleted_tokens(
+        client,
+        namespace.clone(),
+        feed.clone(),
+        metrics,
+        wakeups.clone(),
+    );
     // The controller's cache names every ApiToken; whole objects wait only until their
     // reconcile (arrivals). The echo of our own writes and a re-list's unchanged objects start no
     // reconcile (seen).
     let (store, writer) = reflector::store();
-    // Paginated lists (the default), not one response holding every object (`any_semantic`).
-    let events = watcher(tokens, watcher::Config::default()).backoff(crate::backoff::Bounded::watches());
-    let names = arrivals::names(events, ctx.arrivals.clone(), ctx.seen_tokens.clone()).reflect(writer);
+    let (arrivals, seen) = (ctx.arrivals.clone(), ctx.seen_tokens.clone());
+    let names = feed
+        .subscribe(move |e| Some(Ok::<_, watcher::Error>(arrivals::name_event(e, &arrivals, &seen))))
+        .reflect(writer);
     let objects = arrivals::waiting_only(names, ctx.arrivals.clone()).touched_objects();
     let owned_secrets = seen::unseen(watcher(secrets, owned), ctx.seen_secrets.clone()).touched_objects();
     let controller = Controller::for_stream(objects, store)

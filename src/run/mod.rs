@@ -13,6 +13,7 @@ use crate::leader;
 use crate::metrics::Metrics;
 use crate::policy_status;
 use crate::policy_view::PolicyView;
+use crate::token_feed::TokenFeed;
 use crate::verify::{self, http::AppState, index::Index, limiter::FailureLimiter};
 use anyhow::Context as _;
 use std::sync::Arc;
@@ -73,9 +74,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (controller, verify_on, admission_on) =
         (args.runs(Component::Controller), args.runs(Component::Verify), args.runs(Component::Admission));
 
+    // One ApiToken watch for the index, the census, the controller and its cleanup.
+    let (feed, feed_drive) = TokenFeed::start(client.clone(), args.namespace.as_deref());
     // Policies, namespaces and the token census: shared by the controller and admission.
     let policies = if controller || admission_on {
-        let (view, drive) = PolicyView::start_in(&client, args.namespace.as_deref());
+        let (view, drive) = PolicyView::start_in(&client, &feed);
         background.spawn(drive);
         view.ready().await;
         Some(view)
@@ -86,7 +89,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut app = verify::http::App::from(axum::Router::new());
     let index = verify_on.then(Index::default);
     if let Some(index) = &index {
-        background.spawn(verify::index::run_watch(client.clone(), args.namespace.clone(), index.clone()));
+        verify::index::follow(&feed, index.clone());
         let limiter = Arc::new(
             FailureLimiter::new(args.failures_per_second, args.failures_burst)
                 .with_trusted_proxies(args.trusted_proxies.clone()),
@@ -136,6 +139,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             operator_user,
         }));
     }
+    // Started once the index and the census listen: their first list is the same.
+    background.spawn(feed_drive);
     if verify_on || admission_on {
         let listener = TcpListener::bind(args.listen)
             .await
@@ -183,6 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let tokens = controller::run(
                     for_work.clone(),
                     namespace.clone(),
+                    feed.clone(),
                     view.clone(),
                     metrics.clone(),
                     until,
@@ -193,7 +199,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }));
         } else {
             graceful.spawn(policy_status::run(client.clone(), view.clone(), stopped()));
-            graceful.spawn(controller::run(client, namespace, view, metrics.clone(), stopped()));
+            graceful.spawn(controller::run(client, namespace, feed, view, metrics.clone(), stopped()));
         }
     }
     shutdown_signal().await;

@@ -1,20 +1,20 @@
 //! The in-memory index every verifier answers from: token hash → what verification needs.
 //!
-//! Fed by a watch of ApiTokens (see [`run_watch`]); never touched by a request except to read.
+//! Fed by the replica's ApiToken watch (see [`follow`]); never touched by a request except to read.
 //! Keeps only the facts verification uses, not whole objects.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use futures::StreamExt;
 use jiff::Timestamp;
+use kube::ResourceExt;
 use kube::runtime::watcher;
-use kube::{Api, Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::api::{ApiToken, Phase};
 use crate::core::scope::{Scope, ScopeRef};
+use crate::token_feed::TokenFeed;
 
 /// Raw SHA-256 of a token.
 pub type Digest = [u8; 32];
@@ -305,43 +305,21 @@ impl Index {
     }
 }
 
-/// Keeps `index` in step with the ApiTokens the client can see, forever.
-///
-/// After any watch error the watch is not resumed from its old resourceVersion but started over
-/// with a fresh list: a restarted API server holds resumed watches until its watch cache is
-/// ready (seconds) and then answers 410 Gone, while a list is served at once. The index keeps
-/// answering from what it has meanwhile; the list's end sweeps out whatever disappeared.
-pub async fn run_watch(client: Client, namespace: Option<String>, index: Index) {
-    let api: Api<ApiToken> = match &namespace {
-        Some(ns) => Api::namespaced(client, ns),
-        None => Api::all(client),
-    };
-    // Reconnects fast (200 ms doubling to at most 1 s): after an API server outage, revocations
-    // must reach the verifier within a second of the server's return, not after a long backoff.
-    let mut backoff = crate::backoff::Bounded::new(
-        std::time::Duration::from_millis(200),
-        std::time::Duration::from_secs(1),
-    );
-    loop {
-        let mut events = watcher(api.clone(), watcher::Config::default()).boxed();
-        while let Some(event) = events.next().await {
-            match event {
-                Ok(watcher::Event::Init) => index.start_list(),
-                Ok(watcher::Event::InitApply(at) | watcher::Event::Apply(at)) => index.upsert(&at),
-                Ok(watcher::Event::InitDone) => {
-                    index.finish_list();
-                    kube::runtime::utils::Backoff::reset(&mut backoff);
-                    info!(hashes = index.len(), "verification index synced");
-                }
-                Ok(watcher::Event::Delete(at)) => index.remove(&at),
-                Err(e) => {
-                    warn!(error = %e, "ApiToken watch failed; listing again (the index keeps answering)");
-                    break;
-                }
+/// Keeps `index` in step with the ApiTokens of `feed`. The index keeps answering from what it has
+/// while a list is in progress; the list's end sweeps out whatever disappeared.
+pub fn follow(feed: &TokenFeed, index: Index) {
+    feed.listen(move |event| {
+        match event {
+            watcher::Event::Init => index.start_list(),
+            watcher::Event::InitApply(at) | watcher::Event::Apply(at) => index.upsert(at),
+            watcher::Event::InitDone => {
+                index.finish_list();
+                info!(hashes = index.len(), "verification index synced");
             }
+            watcher::Event::Delete(at) => index.remove(at),
         }
-        tokio::time::sleep(backoff.next().unwrap_or_default()).await;
-    }
+        true
+    });
 }
 
 #[cfg(test)]

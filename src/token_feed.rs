@@ -1,0 +1,275 @@
+//! One ApiToken watch per replica, shared by everything that follows ApiTokens: the verification
+//! index, the quota census, the controller and the cleanup of deleted tokens' Secrets.
+//!
+//! Four watches of their own made the API server list every ApiToken four times at start-up and
+//! after every restart of it (at 100,000 tokens most of two minutes, while the index waited its
+//! turn), and made this process decode every event four times.
+//!
+//! Listeners are called in the feed's task, one after the other, with every event from the start
+//! of a list on. One that joins later (the controller, when this replica becomes leader) waits for
+//! the list in progress to end; then the watch lists again, so that it too sees every object.
+//!
+//! A watch the server ends at its timeout goes on from where it was. One that fails, is cut off
+//! before its timeout (an API server restart, a network cut) or stays silent past it starts over
+//! with a fresh list instead: a restarted API server holds resumed watches until its watch cache
+//! is ready (seconds; at 100,000 tokens much longer) and then answers 410 Gone, while a list is
+//! answered at once. (Bookmarks, asked for, keep an idle connection talking about once a minute.)
+//! Listeners keep what they had meanwhile; the list's end tells them what disappeared.
+
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use kube::api::{ListParams, WatchEvent, WatchParams};
+use kube::runtime::utils::Backoff as _;
+use kube::runtime::watcher::Event;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::ApiToken;
+use crate::backoff::Bounded;
+
+/// Called with every event; returns false once it wants no more (its receiver is gone).
+type Listener = Box<dyn FnMut(&Event<ApiToken>) -> bool + Send>;
+
+/// Where listeners join the feed. Cheap to clone.
+#[derive(Clone)]
+pub struct TokenFeed {
+    joins: mpsc::UnboundedSender<Listener>,
+}
+
+impl TokenFeed {
+    /// The feed of the ApiTokens in `namespace` (all namespaces with `None`), and the future that
+    /// drives it (it lists only once somebody listens, and runs until every handle is dropped
+    /// and nobody listens).
+    pub fn start(
+        client: Client,
+        namespace: Option<&str>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let api: Api<ApiToken> = match namespace {
+            Some(ns) => Api::namespaced(client, ns),
+            None => Api::all(client),
+        };
+        let (joins, joined) = mpsc::unbounded_channel();
+        (Self { joins }, drive(api, joined))
+    }
+
+    /// Calls `listener` in the feed's task with every event from the next list's start on,
+    /// until it returns false. It must not block: the index, the census and the controller wait
+    /// for it.
+    pub fn listen(&self, listener: impl FnMut(&Event<ApiToken>) -> bool + Send + 'static) {
+        // Fails only when the feed's task is gone, i.e. at shutdown.
+        let _ = self.joins.send(Box::new(listener));
+    }
+
+    /// The events as a stream, for consumers that await (the controller, the cleanup): `pick`
+    /// keeps what each needs of an event (`None`: nothing). Unbounded, so that a consumer never
+    /// holds up the index; both consumers take events as they come and keep no object.
+    pub fn subscribe<T: Send + 'static>(
+        &self,
+        mut pick: impl FnMut(&Event<ApiToken>) -> Option<T> + Send + 'static,
+    ) -> impl Stream<Item = T> + Send + 'static {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.listen(move |event| match pick(event) {
+            Some(item) => tx.send(item).is_ok(),
+            None => !tx.is_closed(),
+        });
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+    }
+}
+
+/// Reconnects fast (200 ms doubling to at most 1 s): after an API server outage, revocations must
+/// reach the verifier within a second of the server's return, not after a long backoff.
+fn reconnects() -> Bounded {
+    Bounded::new(Duration::from_millis(200), Duration::from_secs(1))
+}
+
+/// ApiTokens per page of a list.
+const PAGE: u32 = 500;
+/// The server ends a watch after this long; the feed then watches on from where it was.
+const WATCH_SECONDS: u32 = 290;
+/// A watch silent for longer than its own timeout is a dead connection (kube's watcher's margin).
+const SILENT_FOR: Duration = Duration::from_secs(WATCH_SECONDS as u64 + 5);
+
+/// The listeners, and those that joined too late for the list in progress.
+#[derive(Default)]
+struct Listeners {
+    listening: Vec<Listener>,
+    waiting: Vec<Listener>,
+}
+
+impl Listeners {
+    fn send(&mut self, event: &Event<ApiToken>) {
+        self.listening.retain_mut(|l| l(event));
+    }
+
+    fn start_list(&mut self) {
+        self.listening.append(&mut self.waiting);
+        self.send(&Event::Init);
+    }
+
+    /// Joins the list that has just started (nothing of it went out yet).
+    fn join_now(&mut self, mut listener: Listener) {
+        if listener(&Event::Init) {
+            self.listening.push(listener);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.listening.is_empty() && self.waiting.is_empty()
+    }
+}
+
+/// Why a watch ended.
+enum WatchEnd {
+    /// Somebody joined: list again for them.
+    Joined,
+    /// The connection ended before the server's timeout (an API server restart, a network cut):
+    /// resuming would be held until a restarted server's watch cache is ready and then refused
+    /// with 410 Gone; a list is answered at once.
+    CutOff,
+    Failed(kube::Error),
+    /// Nobody listens, and nobody can join any more.
+    Over,
+}
+
+async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>) {
+    let mut listeners = Listeners::default();
+    let mut open = true;
+    let mut backoff = reconnects();
+    loop {
+        if listeners.is_empty() {
+            match joined.recv().await {
+                Some(l) => listeners.waiting.push(l),
+                None => return,
+            }
+        }
+        while let Ok(l) = joined.try_recv() {
+            listeners.waiting.push(l);
+        }
+        let version = match list(&api, &mut listeners, &mut joined).await {
+            Ok(version) => version,
+            Err(e) => {
+                warn!(error = %e, "listing ApiTokens failed; trying again (the index keeps answering)");
+                tokio::time::sleep(backoff.next().unwrap_or_default()).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        match watch(&api, version, &mut listeners, &mut joined, &mut open).await {
+            WatchEnd::Joined => {}
+            WatchEnd::CutOff => info!("the ApiToken watch was cut off; listing again"),
+            WatchEnd::Failed(e) => {
+                warn!(error = %e, "ApiToken watch failed; listing again (the index keeps answering)");
+                tokio::time::sleep(backoff.next().unwrap_or_default()).await;
+            }
+            WatchEnd::Over => return,
+        }
+    }
+}
+
+/// Lists every ApiToken to the listeners (page by page: a page at a time in memory); returns the
+/// list's resourceVersion, where the watch starts.
+async fn list(
+    api: &Api<ApiToken>,
+    listeners: &mut Listeners,
+    joined: &mut mpsc::UnboundedReceiver<Listener>,
+) -> Result<String, kube::Error> {
+    listeners.start_list();
+    let mut params = ListParams::default().limit(PAGE);
+    let mut first = true;
+    loop {
+        let page = api.list(&params).await?;
+        if std::mem::take(&mut first) {
+            // Joined while the first page was on its way: nothing went out yet, this list serves.
+            while let Ok(l) = joined.try_recv() {
+                listeners.join_now(l);
+            }
+        }
+        let (version, next) = (page.metadata.resource_version, page.metadata.continue_);
+        for at in page.items {
+            listeners.send(&Event::InitApply(at));
+        }
+        match next.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => {
+                listeners.send(&Event::InitDone);
+                return Ok(version.unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// Watches from `version` on (again after every timeout of the server's) until somebody joins
+/// or the watch ends otherwise.
+async fn watch(
+    api: &Api<ApiToken>,
+    mut version: String,
+    listeners: &mut Listeners,
+    joined: &mut mpsc::UnboundedReceiver<Listener>,
+    open: &mut bool,
+) -> WatchEnd {
+    let params = WatchParams::default().timeout(WATCH_SECONDS);
+    loop {
+        let started = Instant::now();
+        // The API server may send nothing, headers included, until the first event.
+        let opened = tokio::select! {
+            biased;
+            l = joined.recv(), if *open => match l {
+                Some(l) => {
+                    listeners.waiting.push(l);
+                    return WatchEnd::Joined;
+                }
+                None => {
+                    *open = false;
+                    continue;
+                }
+            },
+            opened = api.watch(&params, &version) => opened,
+        };
+        let mut events = match opened {
+            Ok(events) => events.boxed(),
+            Err(e) => return WatchEnd::Failed(e),
+        };
+        loop {
+            let next = tokio::select! {
+                biased;
+                l = joined.recv(), if *open => {
+                    match l {
+                        Some(l) => {
+                            listeners.waiting.push(l);
+                            return WatchEnd::Joined;
+                        }
+                        None => *open = false,
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout(SILENT_FOR, events.next()) => next,
+            };
+            let event = match next {
+                Err(_silent) => return WatchEnd::CutOff,
+                Ok(None) if started.elapsed() < Duration::from_secs(WATCH_SECONDS.into()) => {
+                    return WatchEnd::CutOff;
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return WatchEnd::Failed(e),
+                Ok(Some(Ok(event))) => event,
+            };
+            match event {
+                WatchEvent::Added(at) | WatchEvent::Modified(at) => {
+                    version = at.resource_version().unwrap_or(version);
+                    listeners.send(&Event::Apply(at));
+                }
+                WatchEvent::Deleted(at) => {
+                    version = at.resource_version().unwrap_or(version);
+                    listeners.send(&Event::Delete(at));
+                }
+                WatchEvent::Bookmark(b) => version = b.metadata.resource_version,
+                WatchEvent::Error(status) => return WatchEnd::Failed(kube::Error::Api(status)),
+            }
+            if listeners.is_empty() && !*open {
+                return WatchEnd::Over;
+            }
+        }
+    }
+}
