@@ -1,5 +1,9 @@
 use std::process::ExitCode;
 
+// jemalloc returns pages freed after a burst (issuance, a re-list) to the system within seconds.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use apitoken_operator::cli::{Cli, Command};
 use clap::Parser;
 

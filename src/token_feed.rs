@@ -9,11 +9,9 @@
 //! of a list on. One that joins later (the controller, when this replica becomes leader) waits for
 //! the list in progress to end; then the watch lists again, so that it too sees every object.
 //!
-//! A watch the server ends at its timeout goes on from where it was. One that fails, is cut off
-//! before its timeout (an API server restart, a network cut) or stays silent past it starts over
-//! with a fresh list instead: a restarted API server holds resumed watches until its watch cache
-//! is ready (seconds; at 100,000 tokens much longer) and then answers 410 Gone, while a list is
-//! answered at once. (Bookmarks, asked for, keep an idle connection talking about once a minute.)
+//! A watch that ends (the server's timeout, a server dropping a slow reader, a cut connection)
+//! goes on from where it was, as kube's watcher does; one that fails (410 Gone after a restart
+//! of the API server or a compaction, a refused request) starts over with a fresh list.
 //! Listeners keep what they had meanwhile; the list's end tells them what disappeared.
 
 use std::time::{Duration, Instant};
@@ -24,7 +22,7 @@ use kube::runtime::utils::Backoff as _;
 use kube::runtime::watcher::Event;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::api::ApiToken;
 use crate::backoff::Bounded;
@@ -124,10 +122,6 @@ impl Listeners {
 enum WatchEnd {
     /// Somebody joined: list again for them.
     Joined,
-    /// The connection ended before the server's timeout (an API server restart, a network cut):
-    /// resuming would be held until a restarted server's watch cache is ready and then refused
-    /// with 410 Gone; a list is answered at once.
-    CutOff,
     Failed(kube::Error),
     /// Nobody listens, and nobody can join any more.
     Over,
@@ -158,7 +152,6 @@ async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>
         backoff.reset();
         match watch(&api, version, &mut listeners, &mut joined, &mut open).await {
             WatchEnd::Joined => {}
-            WatchEnd::CutOff => info!("the ApiToken watch was cut off; listing again"),
             WatchEnd::Failed(e) => {
                 warn!(error = %e, "ApiToken watch failed; listing again (the index keeps answering)");
                 tokio::time::sleep(backoff.next().unwrap_or_default()).await;
@@ -200,8 +193,8 @@ async fn list(
     }
 }
 
-/// Watches from `version` on (again after every timeout of the server's) until somebody joins
-/// or the watch ends otherwise.
+/// Watches from `version` on (again whenever the server ends the watch) until somebody joins or
+/// the watch fails.
 async fn watch(
     api: &Api<ApiToken>,
     mut version: String,
@@ -247,11 +240,14 @@ async fn watch(
                 next = tokio::time::timeout(SILENT_FOR, events.next()) => next,
             };
             let event = match next {
-                Err(_silent) => return WatchEnd::CutOff,
-                Ok(None) if started.elapsed() < Duration::from_secs(WATCH_SECONDS.into()) => {
-                    return WatchEnd::CutOff;
+                // Ended, or silent past its timeout (a dead connection): resume (not in a tight
+                // loop when a server going down ends every watch at once).
+                Err(_) | Ok(None) => {
+                    if started.elapsed() < Duration::from_secs(1) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    break;
                 }
-                Ok(None) => break,
                 Ok(Some(Err(e))) => return WatchEnd::Failed(e),
                 Ok(Some(Ok(event))) => event,
             };
