@@ -32,6 +32,10 @@
 //! BENCH_SIDE (both | product | baseline; one side, e.g. to profile it, prints no ratios).
 //! docs/performance.md explains the output and how to profile.
 
+// The allocator the operator binary ships with (src/main.rs), for the product and the baseline.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
