@@ -16,7 +16,7 @@ impl Bounded {
         Self { min, max, next: Duration::ZERO }
     }
 
-    /// For the controller's, the census's and the policies' watches: 0.5 s doubling to 5 s.
+    /// For the policies' and namespaces' watches and the controller's triggers: 0.5 s doubling to 5 s.
     pub const fn watches() -> Self {
         Self::new(Duration::from_millis(500), Duration::from_secs(5))
     }

@@ -193,6 +193,17 @@ async fn list(
     }
 }
 
+/// The next listener to join; never resolves once nobody can join any more (`open` turns false).
+async fn next_joiner(joined: &mut mpsc::UnboundedReceiver<Listener>, open: &mut bool) -> Listener {
+    if *open {
+        if let Some(l) = joined.recv().await {
+            return l;
+        }
+        *open = false;
+    }
+    std::future::pending().await
+}
+
 /// Watches from `version` on (again whenever the server ends the watch) until somebody joins or
 /// the watch fails.
 async fn watch(
@@ -208,16 +219,10 @@ async fn watch(
         // The API server may send nothing, headers included, until the first event.
         let opened = tokio::select! {
             biased;
-            l = joined.recv(), if *open => match l {
-                Some(l) => {
-                    listeners.waiting.push(l);
-                    return WatchEnd::Joined;
-                }
-                None => {
-                    *open = false;
-                    continue;
-                }
-            },
+            l = next_joiner(joined, open) => {
+                listeners.waiting.push(l);
+                return WatchEnd::Joined;
+            }
             opened = api.watch(&params, &version) => opened,
         };
         let mut events = match opened {
@@ -227,15 +232,9 @@ async fn watch(
         loop {
             let next = tokio::select! {
                 biased;
-                l = joined.recv(), if *open => {
-                    match l {
-                        Some(l) => {
-                            listeners.waiting.push(l);
-                            return WatchEnd::Joined;
-                        }
-                        None => *open = false,
-                    }
-                    continue;
+                l = next_joiner(joined, open) => {
+                    listeners.waiting.push(l);
+                    return WatchEnd::Joined;
                 }
                 next = tokio::time::timeout(SILENT_FOR, events.next()) => next,
             };
