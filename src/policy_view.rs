@@ -143,6 +143,11 @@ impl PolicyView {
         })
     }
 
+    /// Every known ApiToken, as (namespace, name): for re-evaluating them all.
+    pub fn token_keys(&self) -> Vec<(String, String)> {
+        self.census.read().expect("census lock").keys().cloned().collect()
+    }
+
     /// Waits until the first lists are in (or says why not after a while, and keeps going:
     /// the watches keep retrying, e.g. until the ApiTokenPolicy CRD is installed).
     pub async fn ready(&self) {

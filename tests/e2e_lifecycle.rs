@@ -298,6 +298,41 @@ async fn restart_targets_roll_after_a_rotation() {
     ns.cleanup().await;
 }
 
+/// A change to a token's Secret starts a reconcile at once: the token has no wake-up for 60 days.
+#[tokio::test]
+async fn a_deleted_or_overwritten_secret_gets_a_new_token_at_once() {
+    let (ns, _op, tokens, secrets) = setup("recover").await;
+    apply(&tokens, "lost", json!({"scopes": ["metrics:read"]})).await;
+    let (_, first) = wait_consistent(&tokens, &secrets, "lost", T).await;
+    // Active, its Secret holding status.tokenHash, and a token other than `old`.
+    let replaced = |old: String| {
+        let (tokens, secrets) = (tokens.clone(), secrets.clone());
+        async move {
+            let at = tokens.get("lost").await.ok()?;
+            let s = at.status.clone()?;
+            let t = secret_token(&secrets, "lost").await?;
+            let active = s.phase == Some(apitoken_operator::api::Phase::Active);
+            (active && Some(token::hash(&t)) == s.token_hash && t != old).then_some((at, t))
+        }
+    };
+
+    let out = support::kubectl().args(["delete", "secret", "lost", "-n", &ns.name]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (at, second) =
+        wait_for("a new token in a new Secret", Duration::from_secs(10), || replaced(first.clone())).await;
+    let s = at.status.unwrap();
+    assert_eq!(s.rotation_count, 0, "a recovery is not a rotation");
+    assert_eq!(s.previous_token_hash, Some(token::hash(&first)), "the lost token keeps its overlap");
+
+    let patch = json!({"stringData": {"token": "overwritten"}}).to_string();
+    let args = ["patch", "secret", "lost", "-n", &ns.name, "--type", "merge", "-p", &patch];
+    let out = support::kubectl().args(args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_for("a token in the overwritten Secret again", Duration::from_secs(10), || replaced(second.clone()))
+        .await;
+    ns.cleanup().await;
+}
+
 #[tokio::test]
 async fn deleting_the_api_token_removes_its_secret() {
     let (ns, _op, tokens, secrets) = setup("delete").await;

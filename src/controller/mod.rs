@@ -6,12 +6,15 @@
 //! precondition and a conflict simply retries).
 //!
 //! Watch events for versions a reconcile has already read or written (the echo of its own writes,
-//! a re-list's unchanged objects) start no reconcile: [`seen`].
+//! a re-list's unchanged objects) start no reconcile: [`seen`]. What does start one (a new
+//! version, a change to an owned Secret, a policy change, a token's wake-up time) names the token
+//! in a work queue ([`queue`]); a reconcile takes the watched object from [`arrivals`] or reads it.
 
 mod arrivals;
 mod cleanup;
 mod error;
 mod events;
+mod queue;
 mod restart;
 pub mod secret;
 mod seen;
@@ -26,10 +29,8 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
-use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::events::{Event, EventType};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::TryRngCore;
 use tracing::{debug, info, instrument, warn};
@@ -41,7 +42,7 @@ use crate::core::desired::{Limits, SpecInput, Violation, validate};
 use crate::core::plan::{self, Action, Current, Desired, Minted};
 use crate::core::policy::{self, Ask};
 use crate::core::token::{self, Plaintext};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TokenKey};
 use crate::policy_view::{CREATED_BY_ANNOTATION, PolicyView};
 use crate::token_feed::TokenFeed;
 
@@ -63,7 +64,7 @@ pub struct Context {
     /// ApiToken and Secret versions already acted on: their watch events start no reconcile.
     seen_tokens: Arc<seen::Versions>,
     seen_secrets: Arc<seen::Versions>,
-    /// Whole ApiTokens from the watch, until their reconcile takes them (the cache names them).
+    /// Whole ApiTokens from the watch, until their reconcile takes them.
     arrivals: Arc<arrivals::Arrivals>,
 }
 
@@ -107,56 +108,100 @@ pub async fn run(
         metrics,
         wakeups.clone(),
     );
-    // The controller's cache names every ApiToken; whole objects wait only until their
-    // reconcile (arrivals). The echo of our own writes and a re-list's unchanged objects start no
-    // reconcile (seen).
-    let (store, writer) = reflector::store();
+    // Whole objects wait only until their reconcile (arrivals). The echo of our own writes and a
+    // re-list's unchanged objects start no reconcile (seen).
+    let queue = Arc::new(queue::Queue::default());
     let (arrivals, seen) = (ctx.arrivals.clone(), ctx.seen_tokens.clone());
-    let names = feed
-        .subscribe(move |e| Some(Ok::<_, watcher::Error>(arrivals::name_event(e, &arrivals, &seen))))
-        .reflect(writer);
-    let objects = arrivals::waiting_only(names, ctx.arrivals.clone()).touched_objects();
-    let owned_secrets = seen::unseen(watcher(secrets, owned), ctx.seen_secrets.clone()).touched_objects();
-    let controller = Controller::for_stream(objects, store)
-        .with_config(kube::runtime::controller::Config::default().concurrency(MAX_CONCURRENT_RECONCILES))
-        .trigger_backoff(crate::backoff::Bounded::watches())
-        .owns_stream(owned_secrets)
-        // A policy or namespace label change re-evaluates every token.
-        .reconcile_all_on(policies.changes())
-        .reconcile_on(wakeups.due().map(|(ns, name)| ObjectRef::new(&name).within(&ns)))
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => debug!(name = obj.name, namespace = ?obj.namespace, "reconciled"),
-                Err(e) => debug!(error = %e, "reconcile failed"),
+    let mut news = std::pin::pin!(feed.subscribe(move |e| arrivals::news(e, &arrivals, &seen)));
+    let (listed_tx, mut listed) = tokio::sync::watch::channel(false);
+    let tokens = async {
+        while let Some(n) = news.next().await {
+            match n {
+                // Unless a reconcile running already took it.
+                arrivals::News::Unseen(key) if ctx.arrivals.is_waiting(&key) => queue.push(key),
+                arrivals::News::Unseen(_) => {}
+                arrivals::News::Listed => {
+                    let _ = listed_tx.send(true);
+                }
             }
-        });
+        }
+    };
+    let mut owned_secrets = std::pin::pin!(
+        seen::unseen(
+            watcher(secrets, owned).backoff(crate::backoff::Bounded::watches()),
+            ctx.seen_secrets.clone()
+        )
+        .touched_objects()
+    );
+    let secrets = async {
+        while let Some(event) = owned_secrets.next().await {
+            match event {
+                Ok(s) => owner_keys(&s).for_each(|key| queue.push(key)),
+                Err(e) => debug!(error = %e, "watching the operator's Secrets failed; retrying"),
+            }
+        }
+    };
+    // A policy or namespace label change re-evaluates every token.
+    let policy_changes = policies.changes().for_each(|()| {
+        policies.token_keys().into_iter().for_each(|key| queue.push(key));
+        async {}
+    });
+    let due = wakeups.clone().due().for_each(|key| {
+        queue.push(key);
+        async {}
+    });
+    let mut shutdown = std::pin::pin!(shutdown);
+    let work = async {
+        // As kube's controller waits for its cache: quotas are counted from a whole census.
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = listed.wait_for(|l| *l) => {}
+        }
+        let reconcile = |key| reconcile_and_retry(key, ctx.clone());
+        queue.work(usize::from(MAX_CONCURRENT_RECONCILES), shutdown.as_mut(), reconcile).await;
+    };
     tokio::select! {
-        () = controller => {},
-        () = cleanup => {},
+        () = work => {},
+        () = async { tokio::join!(tokens, secrets, policy_changes, due, cleanup); } => {},
     }
     info!("controller stopped");
 }
 
-#[allow(clippy::needless_pass_by_value)] // the signature kube-runtime calls
-fn error_policy(obj: Arc<PartialObjectMeta<ApiToken>>, err: &Error, _ctx: Arc<Context>) -> Requeue {
-    if let Error::Conflict = err {
-        return Requeue::requeue(Duration::from_millis(100));
-    }
-    warn!(name = obj.name_any(), namespace = ?obj.namespace(), category = err.category(), error = %err, "reconcile failed; retrying");
-    Requeue::requeue(Duration::from_secs(5))
+/// The ApiTokens a Secret's ownerReferences name.
+fn owner_keys(secret: &PartialObjectMeta<Secret>) -> impl Iterator<Item = TokenKey> + '_ {
+    let ns = secret.namespace().unwrap_or_default();
+    secret
+        .owner_references()
+        .iter()
+        .filter(|o| o.kind == ApiToken::kind(&()) && o.api_version == ApiToken::api_version(&()))
+        .map(move |o| (ns.clone(), o.name.clone()))
 }
 
-#[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
-async fn reconcile(obj: Arc<PartialObjectMeta<ApiToken>>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+/// Reconciles `key`; asks for it again when the reconcile wants to, or after a failure.
+async fn reconcile_and_retry(key: TokenKey, ctx: Arc<Context>) {
+    let again = match reconcile(&key, &ctx).await {
+        Ok(again) => again,
+        Err(Error::Conflict) => Some(Duration::from_millis(100)),
+        Err(err) => {
+            warn!(name = key.1, namespace = key.0, category = err.category(), error = %err, "reconcile failed; retrying");
+            Some(Duration::from_secs(5))
+        }
+    };
+    if let Some(after) = again {
+        ctx.wakeups.set(key, Timestamp::now() + after);
+    }
+}
+
+/// Reconciles one token; `Some(after)`: again that much later.
+#[instrument(skip_all, fields(namespace = key.0, name = key.1))]
+async fn reconcile(key: &TokenKey, ctx: &Context) -> Result<Option<Duration>, Error> {
     let started = std::time::Instant::now();
-    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let (ns, name) = key;
     // This reconcile consumes the token's pending wake-up, as kube's scheduler would.
-    ctx.wakeups.cancel(&(ns.clone(), name.clone()));
-    let result = match ctx.arrivals.take(&ns, &name) {
-        Some(obj) => Box::pin(reconcile_steps(&obj, &ctx)).await,
-        None => Box::pin(reconcile_fresh(&ns, &name, &ctx)).await,
+    ctx.wakeups.cancel(key);
+    let result = match ctx.arrivals.take(ns, name) {
+        Some(obj) => Box::pin(reconcile_steps(&obj, ctx)).await,
+        None => Box::pin(reconcile_fresh(ns, name, ctx)).await,
     };
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = match &result {
@@ -164,19 +209,23 @@ async fn reconcile(obj: Arc<PartialObjectMeta<ApiToken>>, ctx: Arc<Context>) -> 
         Err(e) => e.category(),
     };
     ctx.metrics.reconciles.get_or_create(&crate::metrics::ReconcileLabels { result: label }).inc();
+    match &result {
+        Ok(_) => debug!(name, namespace = ns, "reconciled"),
+        Err(e) => debug!(name, namespace = ns, error = %e, "reconcile failed"),
+    }
     result
 }
 
 /// Reads the ApiToken and reconciles it; gone: nothing to do (its Secret is cleanup's).
-async fn reconcile_fresh(ns: &str, name: &str, ctx: &Context) -> Result<Requeue, Error> {
+async fn reconcile_fresh(ns: &str, name: &str, ctx: &Context) -> Result<Option<Duration>, Error> {
     let tokens: Api<ApiToken> = Api::namespaced(ctx.client.clone(), ns);
     match tokens.get_opt(name).await? {
         Some(obj) => Box::pin(reconcile_steps(&obj, ctx)).await,
-        None => Ok(Requeue::await_change()),
+        None => Ok(None),
     }
 }
 
-async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error> {
+async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Option<Duration>, Error> {
     let mut obj = obj.clone();
     let mut known = None;
     for _ in 0..MAX_STEPS {
@@ -189,11 +238,11 @@ async fn reconcile_steps(obj: &ApiToken, ctx: &Context) -> Result<Requeue, Error
                 if let Some(at) = wake {
                     ctx.wakeups.set((obj.namespace().unwrap_or_default(), obj.name_any()), at);
                 }
-                return Ok(Requeue::await_change());
+                return Ok(None);
             }
         }
     }
-    Ok(Requeue::requeue(Duration::from_millis(200)))
+    Ok(Some(Duration::from_millis(200)))
 }
 
 enum Step {
