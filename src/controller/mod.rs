@@ -137,7 +137,8 @@ pub async fn run(
         while let Some(event) = owned_secrets.next().await {
             match event {
                 Ok(s) => owner_keys(&s).for_each(|key| queue.push(key)),
-                Err(e) => debug!(error = %e, "watching the operator's Secrets failed; retrying"),
+                // As for the policies' watch: a lasting failure (RBAC, say) must be visible.
+                Err(e) => warn!(error = %e, "watching the operator's Secrets failed; retrying"),
             }
         }
     };
