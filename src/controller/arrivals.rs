@@ -37,13 +37,12 @@ struct Waiting {
 }
 
 impl Arrivals {
-    /// The object a watch event brought for `namespace/name`, if no reconcile has taken it yet
-    /// and it was kept.
-    pub fn take(&self, namespace: &str, name: &str) -> Option<ApiToken> {
-        let key = (namespace.to_string(), name.to_string());
+    /// The object a watch event brought for `key`, if no reconcile has taken it yet and it was
+    /// kept.
+    pub fn take(&self, key: &Key) -> Option<ApiToken> {
         let mut w = self.waiting.lock().expect("arrivals lock");
-        w.names.remove(&key);
-        w.objects.remove(&key)
+        w.names.remove(key);
+        w.objects.remove(key)
     }
 
     /// Keeps the object whole while there is room, else its name; copies only what it keeps.
@@ -147,12 +146,12 @@ mod tests {
             [News::Unseen(key("b")), News::Listed, News::Unseen(key("b")), News::Unseen(key("c"))],
             "a seen version is no news; a delete is cleanup's"
         );
-        assert!(arrivals.take("team", "a").is_none(), "a seen version is not kept for a reconcile");
+        assert!(arrivals.take(&key("a")).is_none(), "a seen version is not kept for a reconcile");
         assert!(arrivals.is_waiting(&key("b")));
-        let b = arrivals.take("team", "b").expect("b waits for its reconcile");
+        let b = arrivals.take(&key("b")).expect("b waits for its reconcile");
         assert_eq!(b.spec.rotation.trigger.as_deref(), Some("two"), "the newest");
         assert!(b.metadata.labels.is_some(), "whole but for managedFields");
-        assert!(arrivals.take("team", "b").is_none(), "taken once");
+        assert!(arrivals.take(&key("b")).is_none(), "taken once");
         assert!(!arrivals.is_waiting(&key("b")), "taken: its second event starts no reconcile");
         assert!(!arrivals.is_waiting(&key("c")), "a deleted object's arrival is dropped");
         assert_eq!(arrivals.len(), (0, 0));
@@ -170,9 +169,9 @@ mod tests {
             .count();
         assert_eq!(unseen, n, "every new version still starts a reconcile");
         assert_eq!(arrivals.len(), (MAX_WAITING, 2));
-        assert!(arrivals.take("team", "t0").is_some(), "kept whole");
+        assert!(arrivals.take(&key("t0")).is_some(), "kept whole");
         let last = format!("t{}", n - 1);
-        assert!(arrivals.take("team", &last).is_none(), "named only: read by its reconcile");
+        assert!(arrivals.take(&key(&last)).is_none(), "named only: read by its reconcile");
         assert!(!arrivals.is_waiting(&key(&last)), "taken");
     }
 }

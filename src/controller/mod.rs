@@ -200,7 +200,7 @@ async fn reconcile(key: &TokenKey, ctx: &Context) -> Result<Option<Duration>, Er
     let (ns, name) = key;
     // This reconcile consumes the token's pending wake-up, as kube's scheduler would.
     ctx.wakeups.cancel(key);
-    let result = match ctx.arrivals.take(ns, name) {
+    let result = match ctx.arrivals.take(key) {
         Some(obj) => Box::pin(reconcile_steps(&obj, ctx)).await,
         None => Box::pin(reconcile_fresh(ns, name, ctx)).await,
     };
