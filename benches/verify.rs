@@ -28,7 +28,7 @@
 //!
 //! Knobs: BENCH_TOKENS (100000), BENCH_ROUNDS (5), BENCH_SECONDS (2), BENCH_WARMUP_MS (500),
 //! BENCH_CONNECTIONS (16), BENCH_SERVER_THREADS (1), BENCH_LOAD_THREADS (1),
-//! BENCH_MAX_REQUESTS (5000000), BENCH_ONLY (rows: auth,verify,tls,lastused),
+//! BENCH_MAX_REQUESTS (5000000), BENCH_HANDLER_PASSES (7), BENCH_ONLY (rows: auth,verify,tls,lastused),
 //! BENCH_SIDE (both | product | baseline; one side, e.g. to profile it, prints no ratios).
 //! docs/performance.md explains the output and how to profile.
 
@@ -50,6 +50,7 @@ use apitoken_operator::verify::index::Index;
 use apitoken_operator::verify::last_used::{self, LastUsed};
 use apitoken_operator::verify::limiter::FailureLimiter;
 use apitoken_operator::verify::tls;
+use futures::FutureExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
@@ -65,6 +66,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const SERVER_THREAD: &str = "bench-server";
 const LOAD_THREAD: &str = "bench-load";
 const TLS_NAME: &str = "verify.bench.local";
+const AUTH_URI: &str = "/v1/auth?scope=metrics:read&audience=tenant-a";
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -106,6 +108,29 @@ fn threads_cpu_ns(prefix: &str) -> u64 {
     total
 }
 
+/// Kernel share of the CPU time used so far by this process's threads named `prefix`...: their
+/// (user, system) clock ticks (100 Hz), from /proc/self/task/*/stat.
+fn threads_ticks(prefix: &str) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return (0, 0) };
+    let mut total = (0, 0);
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let ticks = std::fs::read_to_string(dir.join("stat")).ok().and_then(|stat| {
+            let after_comm = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = after_comm.split_whitespace().collect();
+            Some((fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?))
+        });
+        if let Some((u, s)) = ticks {
+            total = (total.0 + u, total.1 + s);
+        }
+    }
+    total
+}
+
 /// Fills the index with `n` tokens the way the watch would; returns some plaintexts to present.
 fn fill(index: &Index, n: usize) -> Vec<String> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
@@ -129,16 +154,51 @@ fn fill(index: &Index, n: usize) -> Vec<String> {
     keep
 }
 
+/// The product's own work per `GET /v1/auth` without HTTP or sockets: `App::call` on prebuilt
+/// requests (the load generator's, one token after another), each answer dropped as hyper drops
+/// it once written. Nanoseconds per call: the median of `passes` passes of 100,000 calls.
+fn handler_ns(app: &App, tokens: &[String], passes: usize) -> f64 {
+    // Built a batch at a time, so a request is in the cache when answered, as in the server.
+    const BATCH: usize = 500;
+    const BATCHES: usize = 200;
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    let mut per_call = Vec::new();
+    for _ in 0..passes {
+        let mut spent = Duration::ZERO;
+        for b in 0..BATCHES {
+            let reqs: Vec<Request<Full<Bytes>>> = (0..BATCH)
+                .map(|i| {
+                    Request::builder()
+                        .uri(AUTH_URI)
+                        .header("host", "bench")
+                        .header("authorization", format!("Bearer {}", tokens[(b * BATCH + i) % tokens.len()]))
+                        .body(Full::new(Bytes::new()))
+                        .unwrap()
+                })
+                .collect();
+            let start = Instant::now();
+            let mut ok = 0;
+            for req in reqs {
+                let answer = app.call(req, peer).now_or_never().expect("forward-auth answers at once");
+                ok += usize::from(answer.status() == StatusCode::OK);
+            }
+            spent += start.elapsed();
+            assert_eq!(ok, BATCH, "every call must be answered 200");
+        }
+        per_call.push(spent.as_secs_f64() * 1e9 / f64::from(u32::try_from(BATCH * BATCHES).unwrap()));
+    }
+    median(&per_call)
+}
+
 /// The request bytes of each kind, one per token: the same bytes go to the product and the baseline.
 fn requests(tokens: &[String], kind: Kind) -> Arc<Vec<Bytes>> {
     let reqs = tokens
         .iter()
         .map(|t| {
             Bytes::from(match kind {
-                Kind::Auth => format!(
-                    "GET /v1/auth?scope=metrics:read&audience=tenant-a HTTP/1.1\r\nhost: bench\r\n\
-                     authorization: Bearer {t}\r\n\r\n"
-                ),
+                Kind::Auth => {
+                    format!("GET {AUTH_URI} HTTP/1.1\r\nhost: bench\r\nauthorization: Bearer {t}\r\n\r\n")
+                }
                 Kind::Verify => {
                     let body =
                         format!(r#"{{"token":"{t}","scopes":["metrics:read"],"audience":"tenant-a"}}"#);
@@ -426,6 +486,8 @@ struct Run {
     /// Server threads' CPU over the run, as a share of one core.
     server_busy: f64,
     load_busy: f64,
+    /// The server threads' kernel share of their CPU time.
+    server_kernel: f64,
 }
 
 #[allow(clippy::cast_precision_loss)]
@@ -443,6 +505,7 @@ async fn run(
     }
     let per_conn = (max_requests / connections).max(1);
     let (server_before, load_before) = (threads_cpu_ns(SERVER_THREAD), threads_cpu_ns(LOAD_THREAD));
+    let ticks_before = threads_ticks(SERVER_THREAD);
     let start = Instant::now();
     let deadline = start + duration;
     let mut handles = Vec::with_capacity(connections);
@@ -469,6 +532,8 @@ async fn run(
     let elapsed = start.elapsed().as_secs_f64();
     let server_ns = threads_cpu_ns(SERVER_THREAD) - server_before;
     let load_ns = threads_cpu_ns(LOAD_THREAD) - load_before;
+    let ticks = threads_ticks(SERVER_THREAD);
+    let (user, system) = (ticks.0 - ticks_before.0, ticks.1 - ticks_before.1);
     assert_eq!(non_200, 0, "every request must be answered 200");
     latencies.sort_unstable();
     let n = latencies.len().max(1) as f64;
@@ -479,6 +544,7 @@ async fn run(
         server_us_per_req: server_ns as f64 / 1000.0 / n,
         server_busy: server_ns as f64 / 1e9 / elapsed,
         load_busy: load_ns as f64 / 1e9 / elapsed,
+        server_kernel: system as f64 / (user + system).max(1) as f64,
     }
 }
 
@@ -624,6 +690,10 @@ fn main() {
     assert!(!rows.is_empty(), "BENCH_ONLY={only} selects no row (auth, verify, tls, lastused)");
 
     println!(
+        "GET /v1/auth, the product's hot path alone (App::call, no HTTP, no sockets): {:.0} ns per request",
+        handler_ns(&app(&index, LastUsed::disabled()), &tokens, env("BENCH_HANDLER_PASSES", 7).max(1))
+    );
+    println!(
         "load: {connections} keep-alive HTTP/1.1 connections on loopback, same process; server runtime \
          {server_threads} thread(s) `{SERVER_THREAD}`, load generator {load_threads} thread(s) `{LOAD_THREAD}`, \
          {} cores; {rounds} rounds × {seconds:?} per scenario, order rotated each round",
@@ -667,13 +737,15 @@ fn main() {
 
     println!();
     println!(
-        "{:<30} {:<9} {:>9} {:>7} {:>7} {:>13} {:>9} {:>9}",
+        "{:<30} {:<9} {:>9} {:>7} {:>7} {:>13} {:>7} {:>7} {:>9} {:>9}",
         "scenario (median of rounds)",
         "side",
         "req/s",
         "p50 µs",
         "p99 µs",
         "server µs/req",
+        "user",
+        "kernel",
         "server",
         "load gen"
     );
@@ -686,13 +758,15 @@ fn main() {
                 .collect();
             let m = |f: fn(&Run) -> f64| median(&runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             println!(
-                "{:<30} {:<9} {:>9.0} {:>7.0} {:>7.0} {:>13.2} {:>8.0}% {:>8.0}%",
+                "{:<30} {:<9} {:>9.0} {:>7.0} {:>7.0} {:>13.2} {:>7.2} {:>7.2} {:>8.0}% {:>8.0}%",
                 row.name,
                 if *side == Side::Product { "product" } else { "baseline" },
                 m(|r| r.rps),
                 m(|r| f64::from(r.p50_us)),
                 m(|r| f64::from(r.p99_us)),
                 m(|r| r.server_us_per_req),
+                m(|r| r.server_us_per_req * (1.0 - r.server_kernel)),
+                m(|r| r.server_us_per_req * r.server_kernel),
                 m(|r| r.server_busy) * 100.0,
                 m(|r| r.load_busy) * 100.0,
             );

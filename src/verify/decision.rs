@@ -2,6 +2,7 @@
 
 use jiff::Timestamp;
 use sha2::{Digest as _, Sha256};
+use smallvec::SmallVec;
 
 use super::index::{Digest, Entry};
 use crate::core::scope::ScopeRef;
@@ -69,7 +70,7 @@ pub struct Granted<'a> {
     /// The token's public id (from the token itself, so the previous token reports its own).
     pub token_id: &'a str,
     /// The requested audiences the token is bound to (empty for an unbound token).
-    pub audiences: Vec<&'a str>,
+    pub audiences: SmallVec<[&'a str; 2]>,
 }
 
 /// Checks the token offline (checksum) before any lookup, then against the index entry.
@@ -98,7 +99,7 @@ pub fn decide<'a>(
     if !missing.is_empty() {
         return Err(Denial::MissingScope(missing));
     }
-    let audiences: Vec<&str> =
+    let audiences: SmallVec<_> =
         req.audiences.iter().copied().filter(|a| entry.meta.audiences().any(|x| x == *a)).collect();
     if entry.meta.audiences().len() > 0 && audiences.is_empty() {
         return Err(Denial::AudienceMismatch);

@@ -29,6 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::de::{Deserializer, Visitor};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use tower::ServiceExt;
 
 use super::decision::{Denial, Granted, Request as Asked, decide};
@@ -232,8 +233,10 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Answer {
     with_body(status, "application/json", serde_json::to_vec(body).unwrap_or_default())
 }
 
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+
 fn text(status: StatusCode, body: &'static str) -> Answer {
-    with_body(status, "text/plain; charset=utf-8", body)
+    with_body(status, TEXT_PLAIN, body)
 }
 
 fn empty(status: StatusCode) -> Answer {
@@ -323,8 +326,26 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("the request body {kind} (line {}, column {})", e.line(), e.column())
 }
 
-fn parse_scopes<'a>(raw: impl Iterator<Item = &'a str>) -> Result<Vec<ScopeRef<'a>>, String> {
-    let mut out = Vec::new();
+/// The `key=value` pairs of a query, decoded as `form_urlencoded::parse` decodes them (`+` is a
+/// space, percent-decoding is lossy). A pair with nothing to decode, the usual case, is borrowed
+/// as it is, without the decoder's passes over it.
+fn query_pairs(query: &str) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+    query.split('&').filter(|pair| !pair.is_empty()).map(|pair| {
+        if pair.bytes().any(|b| b == b'%' || b == b'+') {
+            // A non-empty pair is exactly one item to the decoder.
+            form_urlencoded::parse(pair.as_bytes()).next().unwrap_or_default()
+        } else {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (Cow::Borrowed(key), Cow::Borrowed(value))
+        }
+    })
+}
+
+/// Required scopes: a request names a few, so they stay on the stack.
+type RequiredScopes<'a> = SmallVec<[ScopeRef<'a>; 4]>;
+
+fn parse_scopes<'a>(raw: impl Iterator<Item = &'a str>) -> Result<RequiredScopes<'a>, String> {
+    let mut out = RequiredScopes::new();
     for (i, s) in raw.flat_map(|s| s.split([' ', ',']).filter(|s| !s.is_empty())).enumerate() {
         // The value is not echoed: a client might have put a secret in the wrong place.
         out.push(
@@ -384,7 +405,12 @@ struct EndpointMetrics {
 pub struct Verifier {
     state: AppState,
     endpoints: [EndpointMetrics; 3],
+    /// A forward-auth grant's headers with empty values (see [`Verifier::granted_headers`]).
+    granted: HeaderMap,
 }
+
+/// The headers of a forward-auth grant after its content type, in the order they are written.
+static GRANTED_HEADERS: [&HeaderName; 4] = [&X_TOKEN_ID, &X_TOKEN_NAME, &X_TOKEN_NAMESPACE, &X_TOKEN_SCOPES];
 
 impl Verifier {
     fn new(state: AppState) -> Self {
@@ -394,7 +420,34 @@ impl Verifier {
             ),
             results: Default::default(),
         });
-        Self { state, endpoints }
+        let mut granted = HeaderMap::with_capacity(1 + GRANTED_HEADERS.len());
+        granted.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+        for name in GRANTED_HEADERS {
+            granted.insert(name.clone(), HeaderValue::from_static(""));
+        }
+        Self { state, endpoints, granted }
+    }
+
+    /// A forward-auth grant's headers: the content type and `values` under [`GRANTED_HEADERS`].
+    /// A copy of `self.granted` with its values filled in: half the work of inserting them one
+    /// by one, each insert hashing its name. A value that cannot be a header value is left out.
+    fn granted_headers(&self, values: [&str; GRANTED_HEADERS.len()]) -> HeaderMap {
+        let values = values.map(HeaderValue::from_str);
+        if values.iter().all(Result::is_ok) {
+            let mut h = self.granted.clone();
+            for (slot, value) in h.values_mut().skip(1).zip(values.into_iter().flatten()) {
+                *slot = value;
+            }
+            return h;
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(TEXT_PLAIN));
+        for (name, value) in GRANTED_HEADERS.into_iter().zip(values) {
+            if let Ok(value) = value {
+                h.insert(name.clone(), value);
+            }
+        }
+        h
     }
 
     fn count(&self, endpoint: Endpoint, result: &'static str, elapsed: Duration) {
@@ -461,8 +514,7 @@ impl Verifier {
             Err(m) => return refuse(bad_request(&m)),
         };
         let audience = req.audience.as_ref().map(|a| a.0.as_ref());
-        let audiences: Vec<&str> = audience.into_iter().collect();
-        let asked = Asked { token: &req.token.0, scopes: &scopes, audiences: &audiences };
+        let asked = Asked { token: &req.token.0, scopes: &scopes, audiences: audience.as_slice() };
         let index = self.state.index.read();
         match self.decide(Endpoint::Verify, &client, blocked.is_some(), &asked, &index) {
             Ok(g) => {
@@ -506,9 +558,9 @@ impl Verifier {
         // One pass over the query. Percent-decoding is lossy (bad UTF-8 becomes U+FFFD), so a
         // query never fails to parse; what it decodes to is checked as a scope or matched as an
         // audience.
-        let mut raw_scopes = Vec::new();
+        let mut raw_scopes: SmallVec<[Cow<'_, str>; 4]> = SmallVec::new();
         let mut audience = None;
-        for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        for (key, value) in query_pairs(query.unwrap_or("")) {
             match key.as_ref() {
                 "scope" => raw_scopes.push(value),
                 "audience" if audience.is_none() => audience = Some(value),
@@ -540,26 +592,15 @@ impl Verifier {
             Ok(t) => t,
             Err(no) => return refuse(no.refusal()),
         };
-        let audiences: Vec<&str> = audience.as_deref().into_iter().collect();
-        let asked = Asked { token, scopes: &scopes, audiences: &audiences };
+        let audience = audience.as_deref();
+        let asked = Asked { token, scopes: &scopes, audiences: audience.as_slice() };
         let index = self.state.index.read();
         match self.decide(Endpoint::Auth, &client, blocked.is_some(), &asked, &index) {
             Ok(g) => {
-                let mut resp = text(StatusCode::OK, "ok");
-                let h = resp.headers_mut();
-                if let Ok(id) = HeaderValue::from_str(g.token_id) {
-                    h.insert(X_TOKEN_ID.clone(), id);
-                }
                 let m = &g.entry.meta;
-                for (name, value) in [
-                    (&X_TOKEN_NAME, m.name()),
-                    (&X_TOKEN_NAMESPACE, m.namespace()),
-                    (&X_TOKEN_SCOPES, m.scopes_joined()),
-                ] {
-                    if let Ok(v) = HeaderValue::from_str(value) {
-                        h.insert(name.clone(), v);
-                    }
-                }
+                let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                *resp.headers_mut() =
+                    self.granted_headers([g.token_id, m.name(), m.namespace(), m.scopes_joined()]);
                 resp
             }
             Err(d) => {
@@ -794,4 +835,34 @@ async fn auth(
 
 async fn token_review(State(v): State<Arc<Verifier>>, body: Bytes) -> Answer {
     v.token_review(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The fast path decodes every query exactly as the decoder it stands in for.
+        #[test]
+        fn query_pairs_decode_as_form_urlencoded(query in "([a-z=&+%]|%[0-9a-fA-F]{2}|%[^&]|é|\\PC){0,40}") {
+            let ours: Vec<_> = query_pairs(&query).collect();
+            let theirs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
+            prop_assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn query_pairs_borrow_what_needs_no_decoding() {
+        let pairs: Vec<_> = query_pairs("scope=metrics:read&&audience&x=a+b%2Fc").collect();
+        assert_eq!(
+            pairs,
+            [
+                (Cow::Borrowed("scope"), Cow::Borrowed("metrics:read")),
+                (Cow::Borrowed("audience"), Cow::Borrowed("")),
+                (Cow::Borrowed("x"), Cow::Owned("a b/c".to_string())),
+            ]
+        );
+        assert!(matches!(pairs[0].1, Cow::Borrowed(_)));
+    }
 }
