@@ -63,9 +63,11 @@ impl<'a> ScopeRef<'a> {
     /// The parts of `resource[/name]:verb`, unchecked: for text that was checked when it was
     /// stored (the verification index's).
     pub fn split(s: &'a str) -> Option<Self> {
-        let (target, verb) = s.rsplit_once(':')?;
-        let (resource, name) = match target.split_once('/') {
-            Some((r, n)) => (r, Some(n)),
+        // Byte searches: scopes are short, and this runs for every scope of every verification.
+        let colon = s.bytes().rposition(|b| b == b':')?;
+        let (target, verb) = (s.get(..colon)?, s.get(colon + 1..)?);
+        let (resource, name) = match target.bytes().position(|b| b == b'/') {
+            Some(slash) => (target.get(..slash)?, Some(target.get(slash + 1..)?)),
             None => (target, None),
         };
         Some(Self { resource, name, verb })

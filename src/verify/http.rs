@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -483,7 +483,8 @@ impl Verifier {
         req: &Asked<'a>,
         index: &'a Reader<'_>,
     ) -> Result<Granted<'a>, Denial> {
-        let start = Instant::now();
+        // quanta reads the TSC: a third of the cost of the system clock, read twice per request.
+        let start = quanta::Instant::now();
         let now = Timestamp::now();
         let result = decide(req, |d| index.get(d), now);
         let label = match &result {
@@ -567,8 +568,19 @@ impl Verifier {
                 _ => {}
             }
         }
+        // One pass over the headers for the two of ours: cheaper than looking each up, which
+        // hashes its name byte by byte.
+        let mut required_headers: SmallVec<[&HeaderValue; 2]> = SmallVec::new();
+        let mut audience_header = None;
+        for (name, value) in headers {
+            if *name == X_REQUIRED_SCOPES {
+                required_headers.push(value);
+            } else if *name == X_TOKEN_AUDIENCE && audience_header.is_none() {
+                audience_header = Some(value);
+            }
+        }
         // Unreadable requirement headers refuse rather than being skipped: skipping would grant more.
-        for v in headers.get_all(&X_REQUIRED_SCOPES) {
+        for v in required_headers {
             match v.to_str() {
                 Ok(v) => raw_scopes.push(Cow::Borrowed(v)),
                 Err(_) => {
@@ -580,7 +592,7 @@ impl Verifier {
             Ok(s) => s,
             Err(m) => return refuse(invalid_request(&m)),
         };
-        let header_audience = match headers.get(&X_TOKEN_AUDIENCE).map(HeaderValue::to_str) {
+        let header_audience = match audience_header.map(HeaderValue::to_str) {
             None => None,
             Some(Ok(v)) => Some(Cow::Borrowed(v)),
             Some(Err(_)) => {
