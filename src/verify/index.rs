@@ -98,7 +98,7 @@ impl TokenMeta {
 
     /// Each scope's text.
     pub fn scope_texts(&self) -> impl ExactSizeIterator<Item = &str> {
-        let (scope_ends, _) = self.ends.split_at(self.scope_count as usize);
+        let (scope_ends, _) = self.ends.split_at_checked(self.scope_count as usize).unwrap_or_default();
         // Scopes are joined by one space.
         (0..scope_ends.len()).map(|i| {
             let from = if i == 0 { 0 } else { scope_ends[i - 1] + 1 };
@@ -112,7 +112,7 @@ impl TokenMeta {
 
     /// The audiences the token is bound to (none: valid for any audience).
     pub fn audiences(&self) -> impl ExactSizeIterator<Item = &str> {
-        let (_, audience_ends) = self.ends.split_at(self.scope_count as usize);
+        let (_, audience_ends) = self.ends.split_at_checked(self.scope_count as usize).unwrap_or_default();
         (0..audience_ends.len()).map(|i| {
             let from = if i == 0 { self.audiences_at } else { audience_ends[i - 1] };
             self.at(from, audience_ends[i])
