@@ -95,37 +95,32 @@ fn threads_cpu_ns(prefix: &str) -> u64 {
         let ns = std::fs::read_to_string(dir.join("schedstat"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-            .or_else(|| {
-                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-                let after_comm = &stat[stat.rfind(')')? + 2..];
-                let fields: Vec<&str> = after_comm.split_whitespace().collect();
-                let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-                Some(ticks * 10_000_000)
-            })
+            .or_else(|| stat_ticks(&dir).map(|(user, system)| (user + system) * 10_000_000))
             .unwrap_or(0);
         total += ns;
     }
     total
 }
 
-/// Kernel share of the CPU time used so far by this process's threads named `prefix`...: their
-/// (user, system) clock ticks (100 Hz), from /proc/self/task/*/stat.
+/// A thread's (user, system) CPU time in clock ticks (100 Hz), from its `stat`.
+fn stat_ticks(task: &std::path::Path) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    Some((fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?))
+}
+
+/// (user, system) clock ticks used so far by this process's threads whose name starts with
+/// `prefix`: where their CPU time went.
 fn threads_ticks(prefix: &str) -> (u64, u64) {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return (0, 0) };
     let mut total = (0, 0);
     for task in tasks.flatten() {
         let dir = task.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.trim_end().starts_with(prefix) {
-            continue;
-        }
-        let ticks = std::fs::read_to_string(dir.join("stat")).ok().and_then(|stat| {
-            let after_comm = &stat[stat.rfind(')')? + 2..];
-            let fields: Vec<&str> = after_comm.split_whitespace().collect();
-            Some((fields.get(11)?.parse::<u64>().ok()?, fields.get(12)?.parse::<u64>().ok()?))
-        });
-        if let Some((u, s)) = ticks {
-            total = (total.0 + u, total.1 + s);
+        if let Some((user, system)) = comm.trim_end().starts_with(prefix).then(|| stat_ticks(&dir)).flatten()
+        {
+            total = (total.0 + user, total.1 + system);
         }
     }
     total
