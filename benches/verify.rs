@@ -17,18 +17,18 @@
 //!   - Server and load generator run on separate runtimes (thread names `bench-server`,
 //!     `bench-load`), so the server's CPU per request is measured from its threads alone
 //!     (/proc/self/task/*/schedstat).
-//!   - Stable: every scenario runs `BENCH_ROUNDS` times for `BENCH_SECONDS` each; each round
-//!     rotates the order of the rows and alternates which side of a row goes first, a product and
-//!     its baseline always back to back. The ratio is taken per round and reported as the median
-//!     with its min–max spread.
+//!   - Stable: every scenario runs `BENCH_ROUNDS` times for `BENCH_SECONDS` per side; each round
+//!     rotates the order of the rows, and within a row the product and its baseline take turns in
+//!     slices of `BENCH_SLICE_MS` (A B B A …), so a burst of other load falls on both. The ratio
+//!     is taken per round and reported as the median with its min–max spread.
 //!
 //! The load generator is a raw HTTP/1.1 client (keep-alive, one request at a time per connection,
 //! loopback only): much cheaper per request than the servers, so the server is the bottleneck.
-//! It stops at the deadline or after `BENCH_MAX_REQUESTS` requests per run, whichever is first.
+//! It stops at the deadline or after `BENCH_MAX_REQUESTS` requests per slice, whichever is first.
 //!
 //! Knobs: BENCH_TOKENS (100000), BENCH_ROUNDS (5), BENCH_SECONDS (2), BENCH_WARMUP_MS (500),
 //! BENCH_CONNECTIONS (16), BENCH_SERVER_THREADS (1), BENCH_LOAD_THREADS (1),
-//! BENCH_MAX_REQUESTS (5000000), BENCH_HANDLER_PASSES (7), BENCH_ONLY (rows: auth,verify,tls,lastused),
+//! BENCH_SLICE_MS (250), BENCH_MAX_REQUESTS (5000000), BENCH_HANDLER_PASSES (7), BENCH_ONLY (rows: auth,verify,tls,lastused),
 //! BENCH_SIDE (both | product | baseline; one side, e.g. to profile it, prints no ratios).
 //! docs/performance.md explains the output and how to profile.
 
@@ -473,6 +473,47 @@ fn header_count(raw: &[u8]) -> usize {
     raw[..head_end].split(|b| *b == b'\n').count() - 1
 }
 
+/// What one side did over one run or several (summed): raw counts, so that slices of a round
+/// add up exactly.
+#[derive(Default)]
+struct Tally {
+    elapsed_s: f64,
+    server_ns: u64,
+    load_ns: u64,
+    /// The server threads' (user, system) clock ticks.
+    ticks: (u64, u64),
+    non_200: usize,
+    latencies_us: Vec<u32>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.elapsed_s += other.elapsed_s;
+        self.server_ns += other.server_ns;
+        self.load_ns += other.load_ns;
+        self.ticks = (self.ticks.0 + other.ticks.0, self.ticks.1 + other.ticks.1);
+        self.non_200 += other.non_200;
+        self.latencies_us.extend(other.latencies_us);
+    }
+
+    #[allow(clippy::cast_precision_loss)]
+    fn run(mut self) -> Run {
+        assert_eq!(self.non_200, 0, "every request must be answered 200");
+        self.latencies_us.sort_unstable();
+        let n = self.latencies_us.len().max(1) as f64;
+        let (user, system) = self.ticks;
+        Run {
+            rps: self.latencies_us.len() as f64 / self.elapsed_s,
+            p50_us: pct(&self.latencies_us, 0.50),
+            p99_us: pct(&self.latencies_us, 0.99),
+            server_us_per_req: self.server_ns as f64 / 1000.0 / n,
+            server_busy: self.server_ns as f64 / 1e9 / self.elapsed_s,
+            load_busy: self.load_ns as f64 / 1e9 / self.elapsed_s,
+            server_kernel: system as f64 / (user + system).max(1) as f64,
+        }
+    }
+}
+
 struct Run {
     rps: f64,
     p50_us: u32,
@@ -485,7 +526,6 @@ struct Run {
     server_kernel: f64,
 }
 
-#[allow(clippy::cast_precision_loss)]
 async fn run(
     addr: SocketAddr,
     tls: Option<&Arc<ClientConfig>>,
@@ -493,7 +533,7 @@ async fn run(
     connections: usize,
     duration: Duration,
     max_requests: usize,
-) -> Run {
+) -> Tally {
     let mut conns = Vec::with_capacity(connections);
     for _ in 0..connections {
         conns.push(connect(addr, tls).await);
@@ -514,33 +554,21 @@ async fn run(
             }
         }));
     }
-    let mut latencies = Vec::new();
-    let mut non_200 = 0;
+    let mut tally = Tally::default();
     for h in handles {
         let r = h.await.unwrap();
         if let Some(e) = r.error {
             panic!("load generator: {e}");
         }
-        non_200 += r.non_200;
-        latencies.extend(r.latencies_us);
+        tally.non_200 += r.non_200;
+        tally.latencies_us.extend(r.latencies_us);
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let server_ns = threads_cpu_ns(SERVER_THREAD) - server_before;
-    let load_ns = threads_cpu_ns(LOAD_THREAD) - load_before;
+    tally.elapsed_s = start.elapsed().as_secs_f64();
+    tally.server_ns = threads_cpu_ns(SERVER_THREAD) - server_before;
+    tally.load_ns = threads_cpu_ns(LOAD_THREAD) - load_before;
     let ticks = threads_ticks(SERVER_THREAD);
-    let (user, system) = (ticks.0 - ticks_before.0, ticks.1 - ticks_before.1);
-    assert_eq!(non_200, 0, "every request must be answered 200");
-    latencies.sort_unstable();
-    let n = latencies.len().max(1) as f64;
-    Run {
-        rps: latencies.len() as f64 / elapsed,
-        p50_us: pct(&latencies, 0.50),
-        p99_us: pct(&latencies, 0.99),
-        server_us_per_req: server_ns as f64 / 1000.0 / n,
-        server_busy: server_ns as f64 / 1e9 / elapsed,
-        load_busy: load_ns as f64 / 1e9 / elapsed,
-        server_kernel: system as f64 / (user + system).max(1) as f64,
-    }
+    tally.ticks = (ticks.0 - ticks_before.0, ticks.1 - ticks_before.1);
+    tally
 }
 
 fn pct(sorted: &[u32], p: f64) -> u32 {
@@ -592,6 +620,9 @@ fn main() {
     let rounds = env("BENCH_ROUNDS", 5).max(1);
     let seconds = Duration::from_secs_f64(env("BENCH_SECONDS", 2).max(1) as f64);
     let warmup = Duration::from_millis(env("BENCH_WARMUP_MS", 500) as u64);
+    // Each side's time in a round, cut into this many slices taken in turns.
+    let slices = (env("BENCH_SECONDS", 2).max(1) * 1000 / env("BENCH_SLICE_MS", 250).max(1)).clamp(1, 1000);
+    let slice = seconds / u32::try_from(slices).unwrap_or(1);
     let connections = env("BENCH_CONNECTIONS", 16).max(1);
     let max_requests = env("BENCH_MAX_REQUESTS", 5_000_000).max(1);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -691,7 +722,7 @@ fn main() {
     println!(
         "load: {connections} keep-alive HTTP/1.1 connections on loopback, same process; server runtime \
          {server_threads} thread(s) `{SERVER_THREAD}`, load generator {load_threads} thread(s) `{LOAD_THREAD}`, \
-         {} cores; {rounds} rounds × {seconds:?} per scenario, order rotated each round",
+         {} cores; {rounds} rounds × {seconds:?} per scenario and side, in {slices} slices of {slice:?} taken in turns; order rotated each round",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get)
     );
     let go = |row: &Row, side: Side, d: Duration| {
@@ -709,17 +740,27 @@ fn main() {
         let count = rows.len();
         for k in 0..count {
             let row = &mut rows[(k + round) % count];
-            // Alternate which side of a row goes first; the two always back to back.
-            let order: Vec<Side> =
-                if (round + k) % 2 == 0 { sides.to_vec() } else { sides.iter().rev().copied().collect() };
-            let mut pair = (None, None);
-            for side in order {
-                let r = go(row, side, seconds);
-                match side {
-                    Side::Baseline => pair.0 = Some(r),
-                    Side::Product => pair.1 = Some(r),
+            // The two sides take turns in slices (A B B A A B …), so a burst of other work on the
+            // machine falls on both alike; each side's slices add up to `seconds`.
+            let (mut baseline, mut product) = (Tally::default(), Tally::default());
+            for s in 0..slices {
+                let order: Vec<Side> = if (round + k + s).is_multiple_of(2) {
+                    sides.to_vec()
+                } else {
+                    sides.iter().rev().copied().collect()
+                };
+                for side in order {
+                    let t = go(row, side, slice);
+                    match side {
+                        Side::Baseline => baseline.add(t),
+                        Side::Product => product.add(t),
+                    }
                 }
             }
+            let pair = (
+                sides.contains(&Side::Baseline).then(|| baseline.run()),
+                sides.contains(&Side::Product).then(|| product.run()),
+            );
             if let (Some(b), Some(p)) = &pair {
                 let _ = write!(line, "  {} {:.2}", row.key, p.rps / b.rps);
             }
