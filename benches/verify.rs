@@ -28,7 +28,8 @@
 //!
 //! Knobs: BENCH_TOKENS (100000), BENCH_ROUNDS (5), BENCH_SECONDS (2), BENCH_WARMUP_MS (500),
 //! BENCH_CONNECTIONS (16), BENCH_SERVER_THREADS (1), BENCH_LOAD_THREADS (1),
-//! BENCH_SLICE_MS (250), BENCH_MAX_REQUESTS (5000000), BENCH_HANDLER_PASSES (7), BENCH_ONLY (rows: auth,verify,tls,lastused),
+//! BENCH_SLICE_MS (250), BENCH_MAX_REQUESTS (5000000), BENCH_HANDLER_PASSES (7),
+//! BENCH_ONLY (rows: auth,verify,tls,lastused),
 //! BENCH_SIDE (both | product | baseline; one side, e.g. to profile it, prints no ratios).
 //! docs/performance.md explains the output and how to profile.
 
@@ -621,8 +622,10 @@ fn main() {
     let seconds = Duration::from_secs_f64(env("BENCH_SECONDS", 2).max(1) as f64);
     let warmup = Duration::from_millis(env("BENCH_WARMUP_MS", 500) as u64);
     // Each side's time in a round, cut into this many slices taken in turns.
-    let slices = (env("BENCH_SECONDS", 2).max(1) * 1000 / env("BENCH_SLICE_MS", 250).max(1)).clamp(1, 1000);
-    let slice = seconds / u32::try_from(slices).unwrap_or(1);
+    let slices = u32::try_from(seconds.as_millis() / env("BENCH_SLICE_MS", 250).max(1) as u128)
+        .unwrap_or(u32::MAX)
+        .clamp(1, 1000);
+    let slice = seconds / slices;
     let connections = env("BENCH_CONNECTIONS", 16).max(1);
     let max_requests = env("BENCH_MAX_REQUESTS", 5_000_000).max(1);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
@@ -743,7 +746,7 @@ fn main() {
             // The two sides take turns in slices (A B B A A B …), so a burst of other work on the
             // machine falls on both alike; each side's slices add up to `seconds`.
             let (mut baseline, mut product) = (Tally::default(), Tally::default());
-            for s in 0..slices {
+            for s in 0..slices as usize {
                 let order: Vec<Side> = if (round + k + s).is_multiple_of(2) {
                     sides.to_vec()
                 } else {
