@@ -1,17 +1,20 @@
 //! `make bench-scale` (not part of `make test`): issuing N tokens through the operator against a
 //! baseline measured in the same run on the same local cluster — the same client writing the
-//! same number of ApiTokens, Secrets and status patches directly. Prints both times and their
-//! ratio, p99 time-to-Active, the operator's RSS (2 s and 30 s after the last token), its API
+//! same number of ApiTokens, Secrets and status patches directly. The two sides take turns in
+//! rounds (O B B O …, each a share of the N tokens), so a slower spell of the machine falls on
+//! both. Prints both times and their ratio (with each round's), p99 time-to-Active, the operator's RSS (2 s and 30 s after the last token), its API
 //! writes per token, and the time until its verification index holds every token; then the API
 //! server is restarted to force every watch to list again, and the operator's peak RSS during
 //! that re-list is compared with its steady RSS; the time until its index is whole again is
 //! compared with a bare client's paginated list of the same ApiTokens after the same restart
 //! (the operator stopped).
-//! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32), BENCH_SCALE_KEEP_LOG
+//! Knobs: BENCH_SCALE_N (default "1000,10000"), BENCH_SCALE_CONCURRENCY (32), BENCH_SCALE_ROUNDS
+//! (4; 1 is the older order: the whole baseline, then the whole operator run), BENCH_SCALE_KEEP_LOG
 //! (keep the operator's log in the temp directory), BENCH_SCALE_MEMORY_N (then one more size,
 //! e.g. 100000, through the operator only: RSS, re-list and its bare baseline; no issuing baseline).
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -62,12 +65,13 @@ fn token_body(name: &str) -> serde_json::Value {
     json!({"apiVersion": "apitoken.dev/v1alpha1", "kind": "ApiToken", "metadata": {"name": name}, "spec": {"scopes": ["metrics:read"]}})
 }
 
-/// The baseline: the writes the operator makes for one token, made directly by this client.
-async fn baseline(client: &Client, namespace: &str, n: usize, concurrency: usize) -> Duration {
+/// The baseline: the writes the operator makes for one token, made directly by this client, for
+/// the tokens numbered `which`.
+async fn baseline(client: &Client, namespace: &str, which: Range<usize>, concurrency: usize) -> Duration {
     let tokens: Api<ApiToken> = Api::namespaced(client.clone(), namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let start = Instant::now();
-    futures::stream::iter(0..n)
+    futures::stream::iter(which)
         .for_each_concurrent(concurrency, |i| {
             let (tokens, secrets) = (tokens.clone(), secrets.clone());
             async move {
@@ -158,6 +162,63 @@ fn index_hashes(url: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How many rounds the issuing is split into (BENCH_SCALE_ROUNDS, default 4). Within a round
+/// the baseline and the operator each issue a share of the tokens, taking turns in the order
+/// O B B O O B B O (the operator's share last), so that a slower spell of this shared machine
+/// (its speed drifts by 25% within minutes) falls on both sides rather than on one.
+fn rounds() -> usize {
+    std::env::var("BENCH_SCALE_ROUNDS").ok().and_then(|s| s.parse().ok()).filter(|&r| r > 0).unwrap_or(4)
+}
+
+/// Times-to-Active are measured from this client's apply to its watch seeing Active.
+#[derive(Clone, Default)]
+struct Progress {
+    created: Arc<Mutex<HashMap<String, Instant>>>,
+    active: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+/// Applies the ApiTokens numbered `which` and waits until all of them are Active; returns the
+/// time that took, and the time until the verification index held them all besides.
+async fn issue(
+    tokens: &Api<ApiToken>,
+    which: Range<usize>,
+    concurrency: usize,
+    progress: &Progress,
+    op: &Operator,
+    peak_rss: &mut u64,
+) -> (Duration, Duration) {
+    let start = Instant::now();
+    futures::stream::iter(which.clone())
+        .for_each_concurrent(concurrency, |i| {
+            let (tokens, created) = (tokens.clone(), progress.created.clone());
+            async move {
+                let name = format!("t{i}");
+                created.lock().unwrap().insert(name.clone(), Instant::now());
+                tokens
+                    .patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&token_body(&name)))
+                    .await
+                    .unwrap();
+            }
+        })
+        .await;
+    // Shares are issued one after another, so every earlier token is Active already.
+    loop {
+        *peak_rss = (*peak_rss).max(rss_kib(op.child.id()));
+        if progress.active.lock().unwrap().len() >= which.end {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(1800), "not all Active within 30 minutes");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let took = start.elapsed();
+    let index_wait = Instant::now();
+    while index_hashes(&op.metrics) < which.end as u64 {
+        assert!(index_wait.elapsed() < Duration::from_secs(120), "index incomplete");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (took, index_wait.elapsed())
+}
+
 #[allow(clippy::cast_precision_loss, clippy::too_many_lines)]
 async fn run_one(
     client: &Client,
@@ -169,19 +230,21 @@ async fn run_one(
 ) {
     let (base_ns, op_ns) = (format!("base-{n}"), format!("op-{n}"));
     ns(client, &op_ns).await;
-    let base = if with_baseline {
+    if with_baseline {
         ns(client, &base_ns).await;
-        Some(baseline(client, &base_ns, n, concurrency).await)
-    } else {
-        None
-    };
+    }
 
+    // The operator starts first and is timed only once it has synced (its start-up is not
+    // issuing).
     let op = start_operator(kubeconfig, &op_ns);
+    let ready = Instant::now();
+    while !std::fs::read_to_string(&op.log).unwrap_or_default().contains("verification index synced") {
+        assert!(ready.elapsed() < Duration::from_secs(60), "the operator did not sync within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let tokens: Api<ApiToken> = Api::namespaced(client.clone(), &op_ns);
-    // Time-to-Active per token, from this client's write to the watch seeing Active.
-    let created: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let active: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let (a2, api) = (active.clone(), tokens.clone());
+    let progress = Progress::default();
+    let (active, api) = (progress.active.clone(), tokens.clone());
     let watch = tokio::spawn(async move {
         let mut s = watcher(api, watcher::Config::default()).boxed();
         while let Ok(Some(e)) = s.try_next().await {
@@ -189,44 +252,37 @@ async fn run_one(
                 && at.status.as_ref().and_then(|s| s.phase) == Some(Phase::Active)
             {
                 let name = at.metadata.name.clone().unwrap_or_default();
-                a2.lock().unwrap().entry(name).or_insert_with(Instant::now);
+                active.lock().unwrap().entry(name).or_insert_with(Instant::now);
             }
         }
     });
-    let start = Instant::now();
-    let mut peak_rss = 0;
-    futures::stream::iter(0..n)
-        .for_each_concurrent(concurrency, |i| {
-            let (tokens, created) = (tokens.clone(), created.clone());
-            async move {
-                let name = format!("t{i}");
-                created.lock().unwrap().insert(name.clone(), Instant::now());
-                tokens
-                    .patch(&name, &PatchParams::apply("bench"), &Patch::Apply(&token_body(&name)))
-                    .await
-                    .unwrap();
+    let rounds = rounds().min(n);
+    let share = n.div_ceil(rounds);
+    let (mut with_operator, mut base, mut index_lag, mut peak_rss) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO, 0);
+    let mut per_round = Vec::new();
+    for r in 0..rounds {
+        let which = (r * share).min(n)..((r + 1) * share).min(n);
+        // O B, B O, O B, … counted back from the last round, which ends with the operator.
+        let operator_first = (rounds - 1 - r) % 2 == 1;
+        let (mut b, mut o) = (Duration::ZERO, Duration::ZERO);
+        for operator_turn in [operator_first, !operator_first] {
+            if operator_turn {
+                let (took, lag) =
+                    issue(&tokens, which.clone(), concurrency, &progress, &op, &mut peak_rss).await;
+                (o, index_lag) = (took, index_lag.max(lag));
+            } else if with_baseline {
+                b = baseline(client, &base_ns, which.clone(), concurrency).await;
             }
-        })
-        .await;
-    loop {
-        peak_rss = peak_rss.max(rss_kib(op.child.id()));
-        if active.lock().unwrap().len() >= n {
-            break;
         }
-        assert!(start.elapsed() < Duration::from_secs(1800), "not all Active within 30 minutes");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        (with_operator, base) = (with_operator + o, base + b);
+        per_round.push(o.as_secs_f64() / b.as_secs_f64());
     }
-    let with_operator = start.elapsed();
-    let index_wait = Instant::now();
-    while index_hashes(&op.metrics) < n as u64 {
-        assert!(index_wait.elapsed() < Duration::from_secs(120), "index incomplete");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let index_lag = index_wait.elapsed();
+    let base = with_baseline.then_some(base);
     watch.abort();
     let mut ttas: Vec<Duration> = {
-        let c = created.lock().unwrap();
-        let a = active.lock().unwrap();
+        let c = progress.created.lock().unwrap();
+        let a = progress.active.lock().unwrap();
         a.iter().filter_map(|(k, t)| c.get(k).map(|s| t.saturating_duration_since(*s))).collect()
     };
     ttas.sort();
@@ -272,11 +328,16 @@ async fn run_one(
         relist_peak = relist_peak.max(rss_kib(op.child.id()));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    println!("N = {n} (concurrency {concurrency})");
+    println!("N = {n} (concurrency {concurrency}; {rounds} rounds of {share}, the two sides taking turns)");
     println!("  through the operator (apply ApiTokens, wait until all Active):     {with_operator:.2?}");
     if let Some(base) = base {
         println!("  baseline (same client: ApiToken + Secret + 2 status patches each): {base:.2?}");
-        println!("  ratio operator/baseline = {:.2}", with_operator.as_secs_f64() / base.as_secs_f64());
+        let rounds: Vec<String> = per_round.iter().map(|r| format!("{r:.2}")).collect();
+        println!(
+            "  ratio operator/baseline = {:.2} (rounds: {})",
+            with_operator.as_secs_f64() / base.as_secs_f64(),
+            rounds.join(" ")
+        );
     }
     println!("  p99 time-to-Active = {p99:.2?}");
     println!(
