@@ -39,7 +39,8 @@ pub struct TokenFeed {
 impl TokenFeed {
     /// The feed of the ApiTokens in `namespace` (all namespaces with `None`), and the future that
     /// drives it (it lists only once somebody listens, and runs until every handle is dropped
-    /// and nobody listens).
+    /// and nobody listens). The feed answers 429s and 503s itself: give it a client built with
+    /// `default_retry: false`, or kube's retries wait out the server's Retry-After first.
     pub fn start(
         client: Client,
         namespace: Option<&str>,
@@ -81,6 +82,17 @@ impl TokenFeed {
 fn reconnects() -> Bounded {
     Bounded::new(Duration::from_millis(200), Duration::from_secs(1))
 }
+
+/// A refusal that says "ask again" (429 Too Many Requests, 503 Service Unavailable), not "list
+/// again" (410 Gone).
+fn not_ready(status: &kube::core::Status) -> bool {
+    matches!(status.code, 429 | 503)
+}
+
+/// How often a watch or a list page refused with 429 or 503 asks again. The server's Retry-After grows with its
+/// downtime (14 s after 45 s down), and waiting it out kept the index stale that much longer
+/// after the cache was whole; a refused watch costs the server next to nothing.
+const CACHE_FILLING_POLL: Duration = Duration::from_secs(1);
 
 /// ApiTokens per page of a list.
 const PAGE: u32 = 500;
@@ -172,7 +184,16 @@ async fn list(
     let mut params = ListParams::default().limit(PAGE);
     let mut first = true;
     loop {
-        let page = api.list(&params).await?;
+        let page = match api.list(&params).await {
+            Ok(page) => page,
+            // Throttled, or a server starting: the same page again shortly, keeping the pages
+            // already sent.
+            Err(kube::Error::Api(s)) if not_ready(&s) => {
+                tokio::time::sleep(CACHE_FILLING_POLL).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if std::mem::take(&mut first) {
             // Joined while the first page was on its way: nothing went out yet, this list serves.
             while let Ok(l) = joined.try_recv() {
@@ -227,6 +248,20 @@ async fn watch(
         };
         let mut events = match opened {
             Ok(events) => events.boxed(),
+            Err(kube::Error::Api(s)) if not_ready(&s) => {
+                // A restarted API server installing its paths (503) or still filling its ApiToken
+                // cache (429, KEP 4568). A list now would be read from etcd beside the filling,
+                // decoding every ApiToken twice; the watch is answered (or gets 410 and lists
+                // from the cache) once the cache is whole.
+                tokio::select! {
+                    biased;
+                    l = next_joiner(joined, open) => {
+                        listeners.waiting.push(l);
+                        return WatchEnd::Joined;
+                    }
+                    () = tokio::time::sleep(CACHE_FILLING_POLL) => continue,
+                }
+            }
             Err(e) => return WatchEnd::Failed(e),
         };
         loop {

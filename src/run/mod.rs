@@ -53,9 +53,14 @@ fn init_logging(format: LogFormat) {
 
 #[allow(clippy::too_many_lines)] // the wiring of every component, in start-up order
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let client = kube::Client::try_default()
+    let config = kube::Config::infer()
         .await
         .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API failed (is KUBECONFIG set?): {e}"))?;
+    let client = kube::Client::try_from(config.clone())?;
+    // The ApiToken feed answers a restarted API server's 429s and 503s itself (token_feed).
+    let mut config = config;
+    config.default_retry = false;
+    let feed_client = kube::Client::try_from(config)?;
     let version = client.apiserver_version().await?;
     info!(server = %version.git_version, namespace = ?args.namespace, "connected to the Kubernetes API");
 
@@ -75,7 +80,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (args.runs(Component::Controller), args.runs(Component::Verify), args.runs(Component::Admission));
 
     // One ApiToken watch for the index, the census, the controller and its cleanup.
-    let (feed, feed_drive) = TokenFeed::start(client.clone(), args.namespace.as_deref());
+    let (feed, feed_drive) = TokenFeed::start(feed_client, args.namespace.as_deref());
     // Policies, namespaces and the token census: shared by the controller and admission.
     let policies = if controller || admission_on {
         let (view, drive) = PolicyView::start_in(&client, &feed);
