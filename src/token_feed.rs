@@ -45,12 +45,21 @@ impl TokenFeed {
         client: Client,
         namespace: Option<&str>,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        Self::start_with_pages_of(PAGE, client, namespace)
+    }
+
+    /// As [`Self::start`], listing `page` ApiTokens a request (tests list a few in several pages).
+    pub fn start_with_pages_of(
+        page: u32,
+        client: Client,
+        namespace: Option<&str>,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
         let api: Api<ApiToken> = match namespace {
             Some(ns) => Api::namespaced(client, ns),
             None => Api::all(client),
         };
         let (joins, joined) = mpsc::unbounded_channel();
-        (Self { joins }, drive(api, joined))
+        (Self { joins }, drive(api, page, joined))
     }
 
     /// Calls `listener` in the feed's task with every event from the next list's start on,
@@ -139,7 +148,7 @@ enum WatchEnd {
     Over,
 }
 
-async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>) {
+async fn drive(api: Api<ApiToken>, page_size: u32, mut joined: mpsc::UnboundedReceiver<Listener>) {
     let mut listeners = Listeners::default();
     let mut open = true;
     let mut backoff = reconnects();
@@ -153,7 +162,7 @@ async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>
         while let Ok(l) = joined.try_recv() {
             listeners.waiting.push(l);
         }
-        let version = match list(&api, &mut listeners, &mut joined).await {
+        let version = match list(&api, page_size, &mut listeners, &mut joined).await {
             Ok(version) => version,
             Err(e) => {
                 warn!(error = %e, "listing ApiTokens failed; trying again (the index keeps answering)");
@@ -177,13 +186,17 @@ async fn drive(api: Api<ApiToken>, mut joined: mpsc::UnboundedReceiver<Listener>
 /// one on its way meanwhile); returns the list's resourceVersion, where the watch starts.
 async fn list(
     api: &Api<ApiToken>,
+    page_size: u32,
     listeners: &mut Listeners,
     joined: &mut mpsc::UnboundedReceiver<Listener>,
 ) -> Result<String, kube::Error> {
     listeners.start_list();
-    let pages = kube::core::Request::new(api.resource_url());
-    let client = api.clone().into_client();
-    let mut text = page(&client, &pages, None).await?;
+    let pages = Pages {
+        client: api.clone().into_client(),
+        request: kube::core::Request::new(api.resource_url()),
+        size: page_size,
+    };
+    let mut text = pages.get(None).await?;
     // Joined while the first page was on its way: nothing went out yet, this list serves.
     while let Ok(l) = joined.try_recv() {
         listeners.join_now(l);
@@ -193,8 +206,8 @@ async fn list(
         // long; at 100,000 ApiTokens one after the other took 12.7 s, the server alone 9.3 s).
         let early = continue_token(&text).map(str::to_owned);
         let ahead = early.clone().map(|token| {
-            let (client, pages) = (client.clone(), pages.clone());
-            tokio::spawn(async move { page(&client, &pages, Some(&token)).await })
+            let pages = pages.clone();
+            tokio::spawn(async move { pages.get(Some(&token)).await })
         });
         let list: kube::core::ObjectList<ApiToken> =
             serde_json::from_str(&text).map_err(kube::Error::SerdeError)?;
@@ -210,7 +223,7 @@ async fn list(
             (ahead, Some(next)) => {
                 // Not the token read early (never seen): fetch the right page.
                 ahead.inspect(tokio::task::JoinHandle::abort);
-                page(&client, &pages, Some(&next)).await?
+                pages.get(Some(&next)).await?
             }
             (ahead, None) => {
                 ahead.inspect(tokio::task::JoinHandle::abort);
@@ -221,24 +234,30 @@ async fn list(
     }
 }
 
-/// One page of the list, as text; asks again for the same page when the server says so.
-async fn page(
-    client: &Client,
-    pages: &kube::core::Request,
-    token: Option<&str>,
-) -> Result<String, kube::Error> {
-    let mut params = ListParams::default().limit(PAGE);
-    if let Some(token) = token {
-        params = params.continue_token(token);
-    }
-    loop {
-        let mut request = pages.list(&params).map_err(kube::Error::BuildRequest)?;
-        request.extensions_mut().insert("list");
-        match client.request_text(request).await {
-            // Throttled, or a server starting: the same page again shortly, keeping the pages
-            // already sent.
-            Err(kube::Error::Api(s)) if not_ready(&s) => tokio::time::sleep(CACHE_FILLING_POLL).await,
-            done => return done,
+/// Where the pages of a list come from.
+#[derive(Clone)]
+struct Pages {
+    client: Client,
+    request: kube::core::Request,
+    size: u32,
+}
+
+impl Pages {
+    /// One page, as text; asks again for the same page when the server says so.
+    async fn get(&self, token: Option<&str>) -> Result<String, kube::Error> {
+        let mut params = ListParams::default().limit(self.size);
+        if let Some(token) = token {
+            params = params.continue_token(token);
+        }
+        loop {
+            let mut request = self.request.list(&params).map_err(kube::Error::BuildRequest)?;
+            request.extensions_mut().insert("list");
+            match self.client.request_text(request).await {
+                // Throttled, or a server starting: the same page again shortly, keeping the
+                // pages already sent.
+                Err(kube::Error::Api(s)) if not_ready(&s) => tokio::time::sleep(CACHE_FILLING_POLL).await,
+                done => return done,
+            }
         }
     }
 }

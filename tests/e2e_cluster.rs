@@ -195,7 +195,8 @@ async fn one_token_watch_gives_a_late_listener_every_object() {
     for name in ["a", "b", "c"] {
         create(name).await;
     }
-    let (feed, drive) = TokenFeed::start(ns.client.clone(), Some(&ns.name));
+    // Pages of 2: the lists below take two requests, the second asked for while the first is read.
+    let (feed, drive) = TokenFeed::start_with_pages_of(2, ns.client.clone(), Some(&ns.name));
     let describe = |e: &watcher::Event<ApiToken>| match e {
         watcher::Event::Init => "init".to_string(),
         watcher::Event::InitApply(t) => format!("list {}", t.metadata.name.clone().unwrap_or_default()),
