@@ -10,8 +10,10 @@
 //! the list in progress to end; then the watch lists again, so that it too sees every object.
 //!
 //! A watch that ends (the server's timeout, a server dropping a slow reader, a cut connection)
-//! goes on from where it was, as kube's watcher does; one that fails (410 Gone after a restart
-//! of the API server or a compaction, a refused request) starts over with a fresh list.
+//! goes on from where it was, as kube's watcher does, and so does one that cannot be opened
+//! while the server is down or not ready (no connection, 429, 503); one that fails otherwise
+//! (410 Gone after a restart of the API server or a compaction, a refusal such as 403) starts
+//! over with a fresh list.
 //! Listeners keep what they had meanwhile; the list's end tells them what disappeared.
 
 use std::time::{Duration, Instant};
@@ -98,9 +100,22 @@ fn not_ready(status: &kube::core::Status) -> bool {
     matches!(status.code, 429 | 503)
 }
 
-/// How often a watch or a list page refused with 429 or 503 asks again. The server's Retry-After grows with its
-/// downtime (14 s after 45 s down), and waiting it out kept the index stale that much longer
-/// after the cache was whole; a refused watch costs the server next to nothing.
+/// A watch that could not be opened for a reason that says nothing about its resourceVersion:
+/// the server down (no connection) or not ready yet. Asking again is right; a list now would
+/// be read from etcd while a restarted server fills its ApiToken cache (KEP 4568), decoding
+/// every ApiToken twice, and the watch is answered (or gets 410 and lists from the cache) as
+/// soon as that cache is whole.
+fn ask_again(error: &kube::Error) -> bool {
+    match error {
+        kube::Error::Api(s) => not_ready(s),
+        kube::Error::Service(_) | kube::Error::HyperError(_) => true,
+        _ => false,
+    }
+}
+
+/// How often a list page refused with 429 or 503 asks again. The server's Retry-After grows
+/// with its downtime (14 s after 45 s down), and waiting it out kept the index stale that much
+/// longer after the cache was whole; a refused request costs the server next to nothing.
 const CACHE_FILLING_POLL: Duration = Duration::from_secs(1);
 
 /// ApiTokens per page of a list.
@@ -292,6 +307,8 @@ async fn watch(
     open: &mut bool,
 ) -> WatchEnd {
     let params = WatchParams::default().timeout(WATCH_SECONDS);
+    // Asking again after a refusal: fast, at most once a second (the reconnects' bounds).
+    let mut again = reconnects();
     loop {
         let started = Instant::now();
         // The API server may send nothing, headers included, until the first event.
@@ -304,19 +321,18 @@ async fn watch(
             opened = api.watch(&params, &version) => opened,
         };
         let mut events = match opened {
-            Ok(events) => events.boxed(),
-            Err(kube::Error::Api(s)) if not_ready(&s) => {
-                // A restarted API server installing its paths (503) or still filling its ApiToken
-                // cache (429, KEP 4568). A list now would be read from etcd beside the filling,
-                // decoding every ApiToken twice; the watch is answered (or gets 410 and lists
-                // from the cache) once the cache is whole.
+            Ok(events) => {
+                again.reset();
+                events.boxed()
+            }
+            Err(e) if ask_again(&e) => {
                 tokio::select! {
                     biased;
                     l = next_joiner(joined, open) => {
                         listeners.waiting.push(l);
                         return WatchEnd::Joined;
                     }
-                    () = tokio::time::sleep(CACHE_FILLING_POLL) => continue,
+                    () = tokio::time::sleep(again.next().unwrap_or_default()) => continue,
                 }
             }
             Err(e) => return WatchEnd::Failed(e),
