@@ -227,7 +227,13 @@ fn app(index: &Index, last_used: LastUsed) -> App {
 async fn serve_product(app: App, tls: Option<Arc<ServerConfig>>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(apitoken_operator::verify::serve(listener, app, tls, std::future::pending()));
+    tokio::spawn(apitoken_operator::verify::serve(
+        listener,
+        app,
+        tls,
+        Arc::default(),
+        std::future::pending(),
+    ));
     addr
 }
 

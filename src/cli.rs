@@ -113,7 +113,8 @@ pub struct RunArgs {
     pub lease_name: String,
 
     /// After SIGTERM: /readyz answers 503 at once while --listen keeps serving for this long (so
-    /// endpoint controllers and load balancers stop sending traffic), then new connections are
+    /// endpoint controllers and load balancers stop sending traffic; HTTP/1.1 answers meanwhile
+    /// say `Connection: close`, so pooled clients reconnect elsewhere), then new connections are
     /// refused, requests in flight finish and the Lease is released.
     #[arg(long, env = "APITOKEN_SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_delay)]
     pub shutdown_delay: jiff::SignedDuration,

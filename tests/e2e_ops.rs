@@ -103,12 +103,45 @@ async fn read_status(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Outcom
 }
 
 fn verify_request(token: &str) -> (String, String) {
+    let (head, body) = keep_alive_request(token);
+    (head.replace("\r\n\r\n", "\r\nconnection: close\r\n\r\n"), body)
+}
+
+/// `POST /v1/verify` that leaves the connection open for the next request, as a client's pool does.
+fn keep_alive_request(token: &str) -> (String, String) {
     let body = json!({"token": token}).to_string();
     let head = format!(
-        "POST /v1/verify HTTP/1.1\r\nhost: verify\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "POST /v1/verify HTTP/1.1\r\nhost: verify\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     (head, body)
+}
+
+/// One HTTP/1.1 answer (with a content-length) read off a connection that stays open: its head.
+async fn read_one_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or_else(|| panic!("no content-length in {head:?}"));
+            if body.len() >= len {
+                return head.to_ascii_lowercase();
+            }
+        }
+        let n = tokio::time::timeout(T, stream.read(&mut chunk))
+            .await
+            .expect("an answer within 30s")
+            .expect("reading the answer");
+        assert!(n > 0, "the connection closed before a whole answer: {text:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 /// `POST /v1/verify` over a new TLS connection to `name` at 127.0.0.1:`port`.
@@ -386,6 +419,13 @@ async fn sigterm_drains_without_failing_a_request() {
     in_flight.write_all(format!("{head}{first_half}").as_bytes()).await.unwrap();
     in_flight.flush().await.unwrap();
 
+    // A pooled keep-alive connection: kept open before the drain.
+    let mut pooled = connect(&tls, port, &name).await.unwrap();
+    let (head, body) = keep_alive_request(&token);
+    pooled.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    let answer = read_one_head(&mut pooled).await;
+    assert!(answer.starts_with("http/1.1 200") && !answer.contains("connection: close"), "{answer}");
+
     let metrics = op.metrics_url.clone();
     assert_eq!(get_status(&metrics, "/readyz").await, Some(200));
     let terminated = tokio::task::spawn_blocking(move || {
@@ -397,6 +437,14 @@ async fn sigterm_drains_without_failing_a_request() {
     })
     .await;
     unready.store(true, Ordering::SeqCst);
+    // Draining: the pooled connection's next answer tells the client to close it, and the server
+    // closes it after that answer, so the client never sends on a connection being shut.
+    pooled.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+    let answer = read_one_head(&mut pooled).await;
+    assert!(answer.starts_with("http/1.1 200") && answer.contains("connection: close"), "{answer}");
+    let mut rest_of_it = Vec::new();
+    let _ = tokio::time::timeout(T, pooled.read_to_end(&mut rest_of_it)).await.expect("closed by the server");
+    assert!(rest_of_it.is_empty(), "nothing after the last answer: {rest_of_it:?}");
     let seen = tokio::time::timeout(T, hammer).await.expect("the listener closes").unwrap();
     let (last, _) = seen.last().unwrap();
     let served_unready = seen.iter().filter(|(o, after)| *after && *o == Outcome::Status(200)).count();

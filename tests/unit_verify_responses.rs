@@ -104,7 +104,7 @@ fn serve(rt: &tokio::runtime::Runtime, burst: u32) -> SocketAddr {
     });
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();
-    rt.spawn(apitoken_operator::verify::serve(listener, app, None, std::future::pending()));
+    rt.spawn(apitoken_operator::verify::serve(listener, app, None, Arc::default(), std::future::pending()));
     addr
 }
 

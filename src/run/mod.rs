@@ -146,6 +146,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // Started once the index and the census listen: their first list is the same.
     background.spawn(feed_drive);
+    // Set on SIGTERM: /readyz answers 503 and HTTP/1.1 clients are told to reconnect while the
+    // listeners still serve.
+    let draining: verify::Draining = Arc::default();
     if verify_on || admission_on {
         let listener = TcpListener::bind(args.listen)
             .await
@@ -153,8 +156,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let tls = serving_tls(&args, &client, admission_on, &mut background).await?;
         info!(addr = %listener.local_addr()?, tls = tls.is_some(), "verification and admission listening");
         let stop = stopped();
+        let draining = draining.clone();
         graceful.spawn(async move {
-            if let Err(e) = verify::serve(listener, app, tls, stop).await {
+            if let Err(e) = verify::serve(listener, app, tls, draining, stop).await {
                 error!(error = %e, "verification server failed");
             }
         });
@@ -164,12 +168,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
     info!(addr = %ops.local_addr()?, "metrics and health listening");
-    // Set on SIGTERM: /readyz answers 503 while the listeners still serve.
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ops_app = verify::http::operations_router(index.clone(), metrics.clone(), draining.clone());
     let stop = stopped();
+    let ops_draining = draining.clone();
     graceful.spawn(async move {
-        if let Err(e) = verify::serve(ops, ops_app, None, stop).await {
+        if let Err(e) = verify::serve(ops, ops_app, None, ops_draining, stop).await {
             error!(error = %e, "metrics server failed");
         }
     });

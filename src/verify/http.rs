@@ -175,11 +175,7 @@ where
 /// `/metrics`, `/healthz`, `/readyz` (ready once the index has synced, when there is one, and
 /// until `draining` is set: on SIGTERM, so endpoints stop sending traffic before the listener
 /// closes).
-pub fn operations_router(
-    index: Option<Index>,
-    metrics: Arc<Metrics>,
-    draining: Arc<std::sync::atomic::AtomicBool>,
-) -> Router {
+pub fn operations_router(index: Option<Index>, metrics: Arc<Metrics>, draining: super::Draining) -> Router {
     let ready_index = index.clone();
     Router::new()
         .route(

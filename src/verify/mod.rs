@@ -13,6 +13,7 @@ pub mod tls;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -44,32 +45,56 @@ pub fn connection_builder() -> Builder<TokioExecutor> {
     builder
 }
 
+/// Set on SIGTERM, before the listener closes. While it is set, /readyz answers 503 and every
+/// HTTP/1.1 answer carries `Connection: close`: a client then ends its keep-alive connection
+/// itself, after an answer, instead of the server closing it idle at shutdown just as the client
+/// sends a request on it (the client sees EOF, and a POST is not retried). HTTP/2 needs nothing
+/// here: its connections get a GOAWAY when the listener closes, which clients retry behind.
+pub type Draining = Arc<AtomicBool>;
+
 /// One connection's service: `app` for requests from `peer`.
 struct Connection {
     app: App,
     peer: SocketAddr,
     /// Told when a request arrives (see `serve`).
     arrived: Arc<tokio::sync::Notify>,
+    draining: Draining,
+}
+
+type Finish = fn(hyper::Response<Body>) -> Result<hyper::Response<Body>, Infallible>;
+
+/// The answer with `Connection: close` (hyper then closes the connection once it is written).
+fn last_on_connection(mut resp: hyper::Response<Body>) -> hyper::Response<Body> {
+    resp.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    resp
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Connection {
     type Response = hyper::Response<Body>;
     type Error = Infallible;
-    type Future = futures::future::Map<CallFuture, fn(Self::Response) -> Result<Self::Response, Infallible>>;
+    type Future = futures::future::Map<CallFuture, Finish>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
         self.arrived.notify_one();
-        self.app.call(req, self.peer).map(Ok)
+        let finish: Finish =
+            if req.version() < hyper::Version::HTTP_2 && self.draining.load(Ordering::Relaxed) {
+                |resp| Ok(last_on_connection(resp))
+            } else {
+                Ok
+            };
+        self.app.call(req, self.peer).map(finish)
     }
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves: TLS when `tls` is given. Then no new
 /// connection is accepted, requests in flight are answered (keep-alive connections close after
-/// their current request) and this returns once every connection has ended.
+/// their current request) and this returns once every connection has ended. While `draining` is
+/// set, HTTP/1.1 connections close after each answer (see [`Draining`]).
 pub async fn serve(
     listener: TcpListener,
     app: impl Into<App>,
     tls: Option<Arc<ServerConfig>>,
+    draining: Draining,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = app.into();
@@ -96,18 +121,19 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         let closing = closing.clone();
+        let draining = draining.clone();
         connections.spawn(async move {
             // Answers go out whole, in one write: no reason to wait for an ACK before the next.
             let _ = tcp.set_nodelay(true);
             let Some(acceptor) = acceptor else {
-                return connection(tcp, app, peer, closing).await;
+                return connection(tcp, app, peer, draining, closing).await;
             };
             // A client that never finishes the handshake does not hold a task forever.
             let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
             else {
                 return;
             };
-            connection(stream, app, peer, closing).await;
+            connection(stream, app, peer, draining, closing).await;
         });
     }
     drop(listener);
@@ -119,14 +145,19 @@ pub async fn serve(
 
 /// Answers the requests of one connection until it ends, or until `closing` is set and the
 /// request in flight (if any) is answered.
-async fn connection<S>(stream: S, app: App, peer: SocketAddr, mut closing: tokio::sync::watch::Receiver<bool>)
-where
+async fn connection<S>(
+    stream: S,
+    app: App,
+    peer: SocketAddr,
+    draining: Draining,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     // A connection made just before the listener closed gets a moment for its first request
     // instead of being closed as idle.
     let first_request = Arc::new(tokio::sync::Notify::new());
-    let service = Connection { app, peer, arrived: first_request.clone() };
+    let service = Connection { app, peer, arrived: first_request.clone(), draining };
     let builder = connection_builder();
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
